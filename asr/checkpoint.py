@@ -1,0 +1,62 @@
+"""The model file: one self-contained `.pt` that transcribes with nothing beside it.
+
+Contents (plain dicts, lists, numbers, strings and tensors, so it loads with
+`torch.load(weights_only=True)` and no code can run from it):
+
+    format_version  int, FORMAT_VERSION
+    model_config    dict of ModelConfig
+    tokens          list[str], index = token id, 0 = CTC blank
+    feature_stats   {"mean": (N_MELS,) tensor, "std": (N_MELS,) tensor}
+    model           the acoustic model's state dict
+    decoding        dict of decoding settings (decoder name and options)
+    train_state     optional: config, optimizer, scheduler, RNG, step/epoch/sampler position,
+                    metrics; present in files written during training, for resume
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from asr.errors import ModelFileError
+
+FORMAT_VERSION = 1
+REQUIRED = ("format_version", "model_config", "tokens", "feature_stats", "model")
+
+
+def save_model_file(payload: dict, path: str | os.PathLike) -> None:
+    """Write `payload` atomically: a temporary file, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_model_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a model file without running any code from it; ModelFileError says what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelFileError(f"{path}: refused, holds objects other than tensors and plain data "
+                             f"({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ModelFileError(f"{path}: not a readable model file (truncated or foreign: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED):
+        raise ModelFileError(f"{path}: not an asr model file (missing "
+                             f"{', '.join(k for k in REQUIRED if not isinstance(payload, dict) or k not in payload)})")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: model file format {payload['format_version']}, "
+                             f"this asr reads format {FORMAT_VERSION}")
+    return payload

@@ -1,0 +1,187 @@
+"""The `asr` command: prepare, train, transcribe, evaluate.
+
+The library raises; this module decides: it prints one line per bad input, goes on with the
+others where that makes sense, and exits non-zero when anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from asr.errors import ASRError
+
+log = logging.getLogger("asr")
+
+EPILOG_PREPARE = """examples:
+  asr prepare synthetic --out data/synthetic
+  asr prepare librispeech --corpus-dir ~/LibriSpeech --splits train-clean-100 dev-clean --out data/ls
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        return args.run(args)
+    except ASRError as e:
+        print(f"asr {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"asr {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asr", description="Train and run BiLSTM-CTC speech recognisers: "
+        "prepare data -> train -> transcribe / evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="write manifests from a corpus",
+                       description="Write JSON Lines manifests (id, audio, duration, text) from a corpus.",
+                       epilog=EPILOG_PREPARE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    corpora = p.add_subparsers(dest="corpus", required=True, metavar="CORPUS")
+    ls = corpora.add_parser("librispeech", help="a LibriSpeech-layout folder you already have",
+                            description="Manifests from an extracted LibriSpeech-layout tree: "
+                            "<split>/<speaker>/<chapter>/*.flac + *.trans.txt.")
+    ls.add_argument("--corpus-dir", required=True, type=Path,
+                    help="folder holding the split folders (e.g. LibriSpeech/ with train-clean-100/ inside)")
+    ls.add_argument("--splits", nargs="+", required=True, help="split folder names, e.g. train-clean-100 dev-clean")
+    ls.add_argument("--out", required=True, type=Path, help="folder for <split>.jsonl manifests")
+    ls.set_defaults(run=_prepare_librispeech)
+    syn = corpora.add_parser("synthetic", help="speak an offline corpus with espeak-ng, then write its manifests",
+                             description="Build the offline synthetic corpus (LibriSpeech layout, spoken by "
+                             "espeak-ng/flite) and write train/dev/test manifests beside it.")
+    syn.add_argument("--out", required=True, type=Path, help="corpus folder; manifests go to OUT/<split>.jsonl")
+    syn.add_argument("--train-speakers", type=int, default=120, help="voices in train (default %(default)s)")
+    syn.add_argument("--train-utts", type=int, default=40, help="utterances per train voice (default %(default)s)")
+    syn.add_argument("--eval-speakers", type=int, default=10, help="voices in dev and in test each (default %(default)s)")
+    syn.add_argument("--eval-utts", type=int, default=20, help="utterances per dev/test voice (default %(default)s)")
+    syn.add_argument("--max-words", type=int, default=16, help="longest sentence in words (default %(default)s)")
+    syn.add_argument("--lm-sentences", type=int, default=20000, help="sentences in the LM text (default %(default)s)")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    syn.set_defaults(run=_prepare_synthetic)
+
+    p = sub.add_parser("train", help="train a model from manifests",
+                       description="Train a BiLSTM-CTC model. Resumes from EXP_DIR/last.pt when it exists. "
+                       "Writes EXP_DIR/best.pt (best dev CER), last.pt (with training state), log.csv, train.log.",
+                       epilog="example: asr train --config recipes/demo/conf.yaml --train data/train.jsonl "
+                       "--dev data/dev.jsonl --exp-dir exp/run1 --set optim.lr=5e-4 --set epochs=20")
+    p.add_argument("--config", type=Path, help="YAML file overriding the defaults (see asr/train.py TrainConfig)")
+    p.add_argument("--train", required=True, type=Path, help="training manifest (JSON Lines)")
+    p.add_argument("--dev", required=True, type=Path, help="dev manifest, scored every epoch")
+    p.add_argument("--exp-dir", required=True, type=Path, help="experiment folder for model files and logs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set model.hidden_size=320 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if EXP_DIR/last.pt exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("transcribe", help="print the text of audio files",
+                       description="Transcribe audio files (any format soundfile reads, any sample rate "
+                       "and channel count): one line per file, '<file>\\t<text>'. A file that cannot be "
+                       "read gets one error line on stderr; the others go on; exit status 1 if any failed.")
+    p.add_argument("--model", required=True, type=Path, help="model file (.pt) written by asr train")
+    p.add_argument("audio", nargs="+", type=Path, help="audio files")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
+    p.set_defaults(run=_transcribe)
+
+    p = sub.add_parser("evaluate", help="WER/CER of a model on a manifest",
+                       description="Decode a manifest and score it: corpus WER and CER after text "
+                       "normalisation, and a per-utterance file (id, reference, hypothesis, errors).")
+    p.add_argument("--model", required=True, type=Path, help="model file (.pt)")
+    p.add_argument("--manifest", required=True, type=Path, help="manifest to decode and score")
+    p.add_argument("--report", type=Path,
+                   help="per-utterance JSON Lines file (default: beside the model, <manifest>.errors.jsonl)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
+    p.set_defaults(run=_evaluate)
+    return parser
+
+
+def _prepare_librispeech(args) -> int:
+    from data_prep.librispeech import prepare_split
+
+    for split in args.splits:
+        report = prepare_split(args.corpus_dir / split, args.out / f"{split}.jsonl")
+        _print_report(split, report)
+    return 0
+
+
+def _prepare_synthetic(args) -> int:
+    from data_prep.librispeech import prepare_split
+    from data_prep.synthetic import SplitSpec, build_corpus
+
+    paths = build_corpus(
+        args.out, train=SplitSpec(args.train_speakers, args.train_utts),
+        dev=SplitSpec(args.eval_speakers, args.eval_utts), test=SplitSpec(args.eval_speakers, args.eval_utts),
+        lm_sentences=args.lm_sentences, max_words=args.max_words, seed=args.seed, jobs=args.jobs)
+    for split in ("train", "dev", "test"):
+        _print_report(split, prepare_split(paths[split], args.out / f"{split}.jsonl"))
+    print(f"lm text: {paths['lm']}")
+    return 0
+
+
+def _print_report(split: str, report) -> None:
+    print(f"{split}: {report.utterances} utterances, {report.hours:.2f} h -> {report.manifest}")
+    for uid, reason in report.skipped:
+        print(f"{split}: skipped {uid}: {reason}", file=sys.stderr)
+
+
+def _train(args) -> int:
+    from asr.config import load_config
+    from asr.data import read_manifest
+    from asr.train import TrainConfig, train
+
+    config = load_config(TrainConfig, args.config, args.overrides)
+    args.exp_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(args.exp_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    best = train(config, read_manifest(args.train), read_manifest(args.dev), args.exp_dir,
+                 resume=not args.no_resume, progress=not args.no_progress)
+    print(f"best dev: WER {100 * best['wer']:.2f}%  CER {100 * best['cer']:.2f}%  "
+          f"(epoch {best['epoch']}) -> {args.exp_dir / 'best.pt'}")
+    return 0
+
+
+def _transcribe(args) -> int:
+    from asr.transcribe import load_model
+
+    transcriber = load_model(args.model, device=args.device)
+    failed = 0
+    for path in args.audio:
+        try:
+            text = transcriber.transcribe(path)
+        except ASRError as e:
+            print(f"asr transcribe: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}\t{text}", flush=True)
+    return 1 if failed else 0
+
+
+def _evaluate(args) -> int:
+    from asr.data import read_manifest
+    from asr.metrics import write_report
+    from asr.transcribe import load_model
+
+    transcriber = load_model(args.model, device=args.device)
+    rows = read_manifest(args.manifest)
+    rates, _, failures = transcriber.evaluate(rows, progress=sys.stderr.isatty())
+    for f in failures:
+        print(f"asr evaluate: error: {f.message}", file=sys.stderr)
+    report = args.report or args.model.parent / f"{args.manifest.stem}.errors.jsonl"
+    write_report(rates, report)
+    print(f"{args.manifest}: WER {100 * rates.wer:.2f}%  CER {100 * rates.cer:.2f}%  "
+          f"({len(rates.utterances)} utterances, {rates.words} words; per utterance: {report})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Manifests, the training dataset, duration-bucketed batching and collation.
+
+Manifest (JSON Lines, one utterance a line; paths relative to the manifest's folder or absolute):
+    {"id": "1272-128104-0000", "audio": "dev/1272/128104/1272-128104-0000.flac",
+     "duration": 5.86, "text": "MISTER QUILTER IS THE APOSTLE OF THE MIDDLE CLASSES"}
+
+Batch (from `collate`), B utterances, N samples, L target characters:
+    waves (B, N) float32 zero-padded, wave_lengths (B,), targets (B, L) int64 zero-padded,
+    target_lengths (B,), ids: list[str], texts: list[str]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from asr.audio import load_audio
+from asr.errors import ManifestError
+from asr.text import CharTokenizer
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One manifest row; `audio` is resolved to an absolute path when read."""
+
+    id: str
+    audio: str
+    duration: float
+    text: str
+
+
+def read_manifest(path: str | os.PathLike) -> list[Utterance]:
+    """Rows of a manifest; ManifestError names the file, line and problem of a bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such manifest")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
+            missing = [k for k in ("id", "audio", "duration", "text") if k not in row]
+            if missing:
+                raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
+            try:
+                duration = float(row["duration"])
+            except (TypeError, ValueError):
+                raise ManifestError(f"{where}: duration {row['duration']!r} is not a number") from None
+            audio = Path(row["audio"])
+            if not audio.is_absolute():
+                audio = path.parent / audio
+            rows.append(Utterance(str(row["id"]), str(audio), duration, str(row["text"])))
+    return rows
+
+
+def write_manifest(rows: list[Utterance], path: str | os.PathLike) -> None:
+    """Write rows atomically, with audio paths relative to the manifest's folder where possible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            record = asdict(row)
+            audio = Path(row.audio)
+            if audio.is_absolute():
+                rel = os.path.relpath(audio, path.parent.resolve())
+                record["audio"] = rel if not rel.startswith("..") else str(audio)
+            record["duration"] = round(row.duration, 3)
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class SpeechDataset(Dataset):
+    """Utterances as (id, waveform (N,) float32 tensor, token ids (L,) int64 tensor, text)."""
+
+    def __init__(self, rows: list[Utterance], tokenizer: CharTokenizer):
+        self.rows = rows
+        self.targets = [torch.tensor(tokenizer.encode(r.text), dtype=torch.long) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        return row.id, torch.from_numpy(load_audio(row.audio)), self.targets[i], row.text
+
+
+def collate(items) -> dict:
+    """Pad a list of dataset items into one batch (see the module docstring)."""
+    ids, waves, targets, texts = zip(*items)
+    return {
+        "ids": list(ids),
+        "texts": list(texts),
+        "waves": torch.nn.utils.rnn.pad_sequence(waves, batch_first=True),
+        "wave_lengths": torch.tensor([len(w) for w in waves]),
+        "targets": torch.nn.utils.rnn.pad_sequence(targets, batch_first=True),
+        "target_lengths": torch.tensor([len(t) for t in targets]),
+    }
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of utterances of similar duration, at most `max_seconds` of audio each.
+
+    Utterances are sorted by duration and cut into batches; each epoch shuffles the order of
+    the batches (seeded by `seed + epoch`). With `sorted_first_epoch`, epoch 0 runs shortest
+    first (SortaGrad, Amodei et al. 2016), which gets CTC off its blank-only plateau sooner.
+    `start_batch` skips the first batches of the epoch, to resume mid-epoch exactly. With
+    `world_size > 1` every rank gets the same number of batches, a disjoint slice of them.
+    """
+
+    def __init__(self, durations: list[float], max_seconds: float, *, max_batch_size: int = 512,
+                 seed: int = 0, sorted_first_epoch: bool = True, rank: int = 0, world_size: int = 1):
+        order = sorted(range(len(durations)), key=lambda i: durations[i])
+        self.batches: list[list[int]] = []
+        batch: list[int] = []
+        for i in order:
+            # Padded cost: every utterance in the batch is as long as the longest (the last).
+            if batch and (len(batch) + 1) * durations[i] > max_seconds or len(batch) >= max_batch_size:
+                self.batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            self.batches.append(batch)
+        self.seed, self.sorted_first_epoch = seed, sorted_first_epoch
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def epoch_batches(self) -> list[list[int]]:
+        """This rank's batches for the current epoch, in order, before `start_batch` is applied."""
+        batches = list(self.batches)
+        if not (self.epoch == 0 and self.sorted_first_epoch):
+            random.Random(self.seed + self.epoch).shuffle(batches)
+        per_rank = math.ceil(len(batches) / self.world_size)
+        batches += batches[: per_rank * self.world_size - len(batches)]  # equal count on every rank
+        return batches[self.rank :: self.world_size]
+
+    def __iter__(self):
+        yield from self.epoch_batches()[self.start_batch :]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.world_size) - self.start_batch

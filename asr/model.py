@@ -1,0 +1,93 @@
+"""The acoustic model: conv subsampling -> bidirectional LSTM (or GRU) stack -> linear -> CTC.
+
+    feats (B, T, N_MELS) --Conv2dSubsampling--> (B, T', D) --BiLSTM x layers--> (B, T', 2H)
+          --Linear--> (B, T', V) log-probs,   T' = ceil(T / subsampling)
+
+Recurrent layers run over packed sequences, so padding never leaks into the backward
+direction (and cuDNN's fused kernel is used on GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from asr.errors import ConfigError
+from asr.features import N_MELS
+
+# Time strides of the two conv layers for each supported subsampling factor.
+TIME_STRIDES = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2), 6: (3, 2), 8: (4, 2)}
+
+
+@dataclass
+class ModelConfig:
+    subsampling: int = 4  # frames in per frame out; 4 -> 40 ms frames (see recipes for when 2)
+    conv_channels: int = 32
+    rnn_type: str = "lstm"  # lstm | gru
+    hidden_size: int = 256  # per direction
+    num_layers: int = 3
+    dropout: float = 0.1
+
+    def validate(self) -> None:
+        if self.subsampling not in TIME_STRIDES:
+            raise ConfigError(f"model.subsampling={self.subsampling}: choose one of {sorted(TIME_STRIDES)}")
+        if self.rnn_type not in ("lstm", "gru"):
+            raise ConfigError(f"model.rnn_type={self.rnn_type!r}: choose 'lstm' or 'gru'")
+
+
+class Conv2dSubsampling(nn.Module):
+    """Two 3x3 convolutions, stride 2 in frequency and `TIME_STRIDES[factor]` in time."""
+
+    def __init__(self, factor: int, channels: int, out_dim: int):
+        super().__init__()
+        self.strides = TIME_STRIDES[factor]
+        s1, s2 = self.strides
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, stride=(s1, 2), padding=1), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=(s2, 2), padding=1), nn.ReLU(),
+        )
+        freq = (N_MELS + 1) // 2
+        freq = (freq + 1) // 2
+        self.out = nn.Linear(channels * freq, out_dim)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        for s in self.strides:  # kernel 3, padding 1: ceil(T / s)
+            lengths = (lengths + s - 1) // s
+        return lengths
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.conv(x[:, None])  # (B, T, F) -> (B, 1, T, F) -> (B, C, T', F')
+        b, c, t, f = x.shape
+        x = self.out(x.transpose(1, 2).reshape(b, t, c * f))  # (B, C, T', F') -> (B, T', C*F') -> (B, T', D)
+        return x, self.output_lengths(lengths)
+
+
+class BiLSTMCTC(nn.Module):
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        config.validate()
+        self.config = config
+        h = config.hidden_size
+        self.subsampling = Conv2dSubsampling(config.subsampling, config.conv_channels, h)
+        rnn = nn.LSTM if config.rnn_type == "lstm" else nn.GRU
+        self.rnn = rnn(h, h, num_layers=config.num_layers, bidirectional=True, batch_first=True,
+                       dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(2 * h, vocab_size)
+
+    def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.subsampling.output_lengths(frames)
+
+    def forward(self, feats: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, N_MELS) features, (B,) frame counts -> ((B, T', V) log-probs, (B,) lengths T')."""
+        x, lengths = self.subsampling(feats, frames)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        x, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        logits = self.output(self.dropout(x))  # (B, T', 2H) -> (B, T', V)
+        return logits.float().log_softmax(dim=-1), lengths
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

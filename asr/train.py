@@ -1,0 +1,272 @@
+"""Training: CTC over a duration-bucketed stream of batches, with exact resume.
+
+Each step: waves (B, N) -> LogMel (B, T, 80) -> SpecAugment -> BiLSTMCTC (B, T', V)
+-> CTC loss (fp32, zero_infinity) -> AdamW step with warm-up and late decay, gradients clipped.
+Each epoch ends with greedy WER/CER on the dev set; `last.pt` (with the full training state)
+is written every `save_every` steps and at each epoch's end, `best.pt` whenever dev CER improves.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from asr.checkpoint import load_model_file, save_model_file
+from asr.config import from_dict, to_dict
+from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate
+from asr.decode import GreedyDecoder
+from asr.errors import ConfigError, TextError
+from asr.features import FRAMES_PER_SECOND, LogMel, SpecAugment, SpecAugmentConfig, compute_stats
+from asr.audio import load_audio
+from asr.model import BiLSTMCTC, ModelConfig
+from asr.text import CharTokenizer
+from asr.transcribe import Transcriber, pick_device
+
+log = logging.getLogger("asr.train")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak; 2e-3 stalled small models on a constant output
+    weight_decay: float = 1e-2
+    warmup_steps: int = 200
+    decay_start: float = 0.7  # fraction of all steps after which the LR decays (cosine)
+    final_lr: float = 0.05  # as a fraction of the peak
+    grad_clip: float = 5.0
+
+
+@dataclass
+class DataConfig:
+    max_batch_seconds: float = 200.0  # audio per batch, padding included
+    max_batch_size: int = 128
+    sorted_first_epoch: bool = True  # shortest utterances first in epoch 0 (SortaGrad)
+    max_duration: float = 30.0  # longer utterances are left out of training
+    num_workers: int = 1
+    stats_utterances: int = 500  # utterances sampled for the global mean/std
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    specaugment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+    specaugment_from_epoch: int = 1  # augmentation only once CTC has left its blank plateau
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    epochs: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    bf16: bool = False  # bf16 autocast on CUDA (CTC loss stays fp32)
+    log_every: int = 25
+    save_every: int = 500  # steps between mid-epoch `last.pt` files
+
+
+def lr_factor(step: int, total: int, c: OptimConfig) -> float:
+    """Linear warm-up, flat, then cosine decay to `final_lr` over the last part of training."""
+    if step < c.warmup_steps:
+        return (step + 1) / c.warmup_steps
+    start = int(c.decay_start * total)
+    if step < start or total <= start:
+        return 1.0
+    progress = min(1.0, (step - start) / (total - start))
+    return c.final_lr + (1 - c.final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def usable_rows(rows: list[Utterance], tokenizer: CharTokenizer, config: TrainConfig,
+                name: str) -> list[Utterance]:
+    """Rows fit for CTC training; the others are logged with the reason and left out."""
+    keep, skipped = [], {}
+    frames_per_label = config.model.subsampling / FRAMES_PER_SECOND
+    for r in rows:
+        try:
+            labels = len(tokenizer.encode(r.text))
+        except TextError as e:
+            skipped.setdefault("unknown characters", []).append(f"{r.id} ({e})")
+            continue
+        if r.duration > config.data.max_duration:
+            skipped.setdefault(f"longer than {config.data.max_duration} s", []).append(r.id)
+        elif labels == 0:
+            skipped.setdefault("empty transcript", []).append(r.id)
+        elif r.duration < labels * frames_per_label:
+            skipped.setdefault("too short for its transcript", []).append(r.id)
+        else:
+            keep.append(r)
+    for reason, ids in skipped.items():
+        log.warning("%s: left out %d utterance(s), %s: %s%s", name, len(ids), reason,
+                    ", ".join(ids[:3]), " ..." if len(ids) > 3 else "")
+    if not keep:
+        raise ConfigError(f"{name}: no usable utterances")
+    return keep
+
+
+def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utterance],
+          exp_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
+    """Train a model into `exp_dir`; resumes from `exp_dir/last.pt` when it exists.
+
+    Returns the best dev metrics. Writes last.pt, best.pt and log.csv.
+    """
+    exp_dir = Path(exp_dir)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(config.device)
+    tokenizer = CharTokenizer()
+    train_rows = usable_rows(train_rows, tokenizer, config, "train")
+    dev_rows = [r for r in dev_rows if all(c in tokenizer.tokens for c in r.text)]
+
+    state = None
+    last = exp_dir / "last.pt"
+    if resume and last.exists():
+        state = load_model_file(last)["train_state"]
+        config = from_dict(TrainConfig, state["config"])  # the run goes on as it was started
+        log.info("resuming from %s at epoch %d, step %d", last, state["epoch"], state["step"])
+    _seed_everything(config.seed)
+
+    log_mel = LogMel().to(device)
+    if state is not None:
+        stats = load_model_file(last)["feature_stats"]
+        log_mel.set_stats(stats["mean"].to(device), stats["std"].to(device))
+    else:
+        sample = random.Random(config.seed).sample(train_rows, min(len(train_rows), config.data.stats_utterances))
+        mean, std = compute_stats((torch.from_numpy(load_audio(r.audio)).to(device) for r in sample), log_mel)
+        log_mel.set_stats(mean, std)
+    specaug = SpecAugment(config.specaugment).to(device)
+    model = BiLSTMCTC(config.model, len(tokenizer)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+
+    sampler = BucketBatchSampler([r.duration for r in train_rows], config.data.max_batch_seconds,
+                                 max_batch_size=config.data.max_batch_size, seed=config.seed,
+                                 sorted_first_epoch=config.data.sorted_first_epoch)
+    steps_per_epoch = len(sampler)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, config.optim))
+    epoch, step, batch_in_epoch, best = 0, 0, 0, {"cer": float("inf")}
+    if state is not None:
+        model.load_state_dict(load_model_file(last)["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        epoch, step, batch_in_epoch, best = state["epoch"], state["step"], state["batch_in_epoch"], state["best"]
+        _set_rng_state(state["rng"])
+
+    dataset = SpeechDataset(train_rows, tokenizer)
+    ctc = torch.nn.CTCLoss(blank=tokenizer.blank_id, reduction="sum", zero_infinity=True)
+    csv_path = exp_dir / "log.csv"
+    new_csv = not csv_path.exists() or state is None
+    csv_file = open(csv_path, "w" if new_csv else "a", newline="")
+    writer = csv.writer(csv_file)
+    if new_csv:
+        writer.writerow(["step", "epoch", "loss", "lr", "audio_sec_per_sec", "dev_wer", "dev_cer"])
+    log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch, "
+             "%d epochs, device %s", model.num_parameters() / 1e6, len(train_rows),
+             sum(r.duration for r in train_rows) / 3600, steps_per_epoch, config.epochs, device)
+
+    def payload(with_state: bool) -> dict:
+        out = {
+            "model_config": to_dict(config.model),
+            "tokens": tokenizer.tokens,
+            "feature_stats": {"mean": log_mel.mean.cpu(), "std": log_mel.std.cpu()},
+            "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "decoding": {"decoder": "greedy"},
+        }
+        if with_state:
+            out["train_state"] = {
+                "config": to_dict(config), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch,
+                "step": step, "batch_in_epoch": batch_in_epoch, "best": best,
+            }
+        return out
+
+    skipped_nonfinite = 0
+    while epoch < config.epochs:
+        model.train()
+        sampler.set_epoch(epoch, batch_in_epoch)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                            num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(config.seed + epoch))  # leaves the global RNG alone
+        bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress, dynamic_ncols=True)
+        window_loss, window_audio, window_start = 0.0, 0.0, time.perf_counter()
+        for batch in bar:
+            waves = batch["waves"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"):
+                feats, frames = log_mel(waves, batch["wave_lengths"].to(device))
+                if epoch >= config.specaugment_from_epoch:
+                    feats = specaug(feats, frames)
+                log_probs, out_lengths = model(feats, frames.cpu())
+            loss = ctc(log_probs.float().transpose(0, 1),  # (B, T', V) -> (T', B, V)
+                       batch["targets"], out_lengths, batch["target_lengths"]) / len(batch["ids"])
+            optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                optimizer.step()
+            else:
+                skipped_nonfinite += 1
+            scheduler.step()
+            step += 1
+            batch_in_epoch += 1
+            window_loss += loss.item() if torch.isfinite(loss) else 0.0
+            window_audio += batch["wave_lengths"].sum().item() / 16000
+            if step % config.log_every == 0:
+                elapsed = time.perf_counter() - window_start
+                speed = window_audio / max(elapsed, 1e-9)
+                mean_loss = window_loss / config.log_every
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                audio_s_per_s=f"{speed:.0f}")
+                writer.writerow([step, epoch + 1, f"{mean_loss:.4f}", f"{scheduler.get_last_lr()[0]:.3e}",
+                                 f"{speed:.1f}", "", ""])
+                csv_file.flush()
+                window_loss, window_audio, window_start = 0.0, 0.0, time.perf_counter()
+            if config.save_every and step % config.save_every == 0:
+                save_model_file(payload(with_state=True), last)
+        bar.close()
+        if skipped_nonfinite:
+            log.warning("skipped %d batch(es) with a non-finite loss so far", skipped_nonfinite)
+
+        epoch += 1
+        batch_in_epoch = 0
+        transcriber = Transcriber(model, log_mel, tokenizer, GreedyDecoder(tokenizer), device)
+        rates, _, failures = transcriber.evaluate(dev_rows, progress=progress)
+        for f in failures:
+            log.warning("dev: %s", f.message)
+        model.train()
+        writer.writerow([step, epoch, "", "", "", f"{rates.wer:.4f}", f"{rates.cer:.4f}"])
+        csv_file.flush()
+        log.info("epoch %d: dev WER %.2f%%  CER %.2f%%  (%d utterances)", epoch, 100 * rates.wer,
+                 100 * rates.cer, len(rates.utterances))
+        if rates.cer < best["cer"]:
+            best = {"wer": rates.wer, "cer": rates.cer, "epoch": epoch}
+            save_model_file(payload(with_state=False), exp_dir / "best.pt")
+        save_model_file(payload(with_state=True), last)
+    csv_file.close()
+    return best
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    # Python's Mersenne Twister state: (version, 625 ints, gauss_next)
+    words = [int(x) for x in state["python"]]
+    random.setstate((3, tuple(words[:625]), None))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
