@@ -92,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
     p.set_defaults(run=_transcribe)
 
-    p = sub.add_parser("evaluate", help="WER/CER of a model on a manifest",
-                       description="Decode a manifest and score it: corpus WER and CER after text "
-                       "normalisation, and a per-utterance file (id, reference, hypothesis, errors).")
+    p = sub.add_parser("evaluate", help="WER/CER of a model on manifests",
+                       description="Decode manifests and score them: corpus WER and CER after text "
+                       "normalisation, printed as a table, and per manifest a file of every utterance "
+                       "(id, reference, hypothesis, errors), worst first.")
     p.add_argument("--model", required=True, type=Path, help="model file (.pt)")
-    p.add_argument("--manifest", required=True, type=Path, help="manifest to decode and score")
-    p.add_argument("--report", type=Path,
-                   help="per-utterance JSON Lines file (default: beside the model, <manifest>.errors.jsonl)")
+    p.add_argument("--manifest", required=True, type=Path, nargs="+", help="manifest(s) to decode and score")
+    p.add_argument("--report-dir", type=Path,
+                   help="folder for <manifest>.errors.jsonl (default: the model file's folder)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
     p.set_defaults(run=_evaluate)
     return parser
@@ -172,15 +173,27 @@ def _evaluate(args) -> int:
     from asr.transcribe import load_model
 
     transcriber = load_model(args.model, device=args.device)
-    rows = read_manifest(args.manifest)
-    rates, _, failures = transcriber.evaluate(rows, progress=sys.stderr.isatty())
-    for f in failures:
-        print(f"asr evaluate: error: {f.message}", file=sys.stderr)
-    report = args.report or args.model.parent / f"{args.manifest.stem}.errors.jsonl"
-    write_report(rates, report)
-    print(f"{args.manifest}: WER {100 * rates.wer:.2f}%  CER {100 * rates.cer:.2f}%  "
-          f"({len(rates.utterances)} utterances, {rates.words} words; per utterance: {report})")
-    return 1 if failures else 0
+    table, failed = [], 0
+    for manifest in args.manifest:
+        try:
+            rows = read_manifest(manifest)
+        except ASRError as e:
+            print(f"asr evaluate: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        rates, _, failures = transcriber.evaluate(rows, progress=sys.stderr.isatty())
+        for f in failures:
+            print(f"asr evaluate: error: {f.message}", file=sys.stderr)
+        failed += len(failures)
+        report = (args.report_dir or args.model.parent) / f"{manifest.stem}.errors.jsonl"
+        write_report(rates, report)
+        table.append((manifest.stem, len(rates.utterances), rates.words, rates.wer, rates.cer, report))
+    print(f"model: {args.model}")
+    print("| set | utterances | words | WER % | CER % | per-utterance errors |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, utts, words, wer, cer, report in table:
+        print(f"| {name} | {utts} | {words} | {100 * wer:.2f} | {100 * cer:.2f} | {report} |")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

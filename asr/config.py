@@ -38,8 +38,11 @@ def from_dict(cls, values: dict, prefix: str = ""):
 
 
 def _coerce(value, kind, key: str):
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if kind is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "3e-3" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            pass
     base = typing.get_origin(kind) or kind
     if base in (int, float, str, bool) and not (type(value) is base):
         raise ConfigError(f"{key}={value!r}: expected {base.__name__}")
