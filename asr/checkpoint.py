@@ -9,8 +9,8 @@ Contents (plain dicts, lists, numbers, strings and tensors, so it loads with
     feature_stats   {"mean": (N_MELS,) tensor, "std": (N_MELS,) tensor}
     model           the acoustic model's state dict
     decoding        dict of decoding settings (decoder name and options)
-    train_state     optional: config, optimizer, scheduler, RNG, step/epoch/sampler position,
-                    metrics; present in files written during training, for resume
+    train_state     optional: config, optimizer, RNG, epoch, step, batch_in_epoch (the sampler
+                    position), elapsed seconds, best dev metrics; in last.pt, for resume
 """
 
 from __future__ import annotations

@@ -152,5 +152,10 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __iter__(self):
         yield from self.epoch_batches()[self.start_batch :]
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this rank runs in a whole epoch."""
+        return math.ceil(len(self.batches) / self.world_size)
+
     def __len__(self) -> int:
-        return math.ceil(len(self.batches) / self.world_size) - self.start_batch
+        return self.batches_per_epoch - self.start_batch

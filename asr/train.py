@@ -2,6 +2,8 @@
 
 Each step: waves (B, N) -> LogMel (B, T, 80) -> SpecAugment -> BiLSTMCTC (B, T', V)
 -> CTC loss (fp32, zero_infinity) -> AdamW step with warm-up and late decay, gradients clipped.
+Training ends after `epochs` or `max_minutes`, whichever comes first; the LR decay follows
+whichever is nearer, so a time-boxed run still ends on a low learning rate.
 Each epoch ends with greedy WER/CER on the dev set; `last.pt` (with the full training state)
 is written every `save_every` steps and at each epoch's end, `best.pt` whenever dev CER improves.
 """
@@ -21,13 +23,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from asr.audio import SAMPLE_RATE, load_audio
 from asr.checkpoint import load_model_file, save_model_file
 from asr.config import from_dict, to_dict
 from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate
 from asr.decode import GreedyDecoder
 from asr.errors import ConfigError, TextError
 from asr.features import FRAMES_PER_SECOND, LogMel, SpecAugment, SpecAugmentConfig, compute_stats
-from asr.audio import load_audio
 from asr.model import BiLSTMCTC, ModelConfig
 from asr.text import CharTokenizer
 from asr.transcribe import Transcriber, pick_device
@@ -40,7 +42,7 @@ class OptimConfig:
     lr: float = 1e-3  # peak; 2e-3 stalled small models on a constant output
     weight_decay: float = 1e-2
     warmup_steps: int = 200
-    decay_start: float = 0.7  # fraction of all steps after which the LR decays (cosine)
+    decay_start: float = 0.7  # fraction of training after which the LR decays (cosine)
     final_lr: float = 0.05  # as a fraction of the peak
     grad_clip: float = 5.0
 
@@ -63,6 +65,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     epochs: int = 10
+    max_minutes: float = 0.0  # wall-clock budget for training (0: none); the LR decay follows it
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     bf16: bool = False  # bf16 autocast on CUDA (CTC loss stays fp32)
@@ -70,15 +73,15 @@ class TrainConfig:
     save_every: int = 500  # steps between mid-epoch `last.pt` files
 
 
-def lr_factor(step: int, total: int, c: OptimConfig) -> float:
-    """Linear warm-up, flat, then cosine decay to `final_lr` over the last part of training."""
+def lr_factor(step: int, progress: float, c: OptimConfig) -> float:
+    """Linear warm-up over `warmup_steps`, flat, then cosine decay to `final_lr` once
+    `progress` (the fraction of training done, 0..1) passes `decay_start`."""
     if step < c.warmup_steps:
         return (step + 1) / c.warmup_steps
-    start = int(c.decay_start * total)
-    if step < start or total <= start:
+    if progress <= c.decay_start:
         return 1.0
-    progress = min(1.0, (step - start) / (total - start))
-    return c.final_lr + (1 - c.final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay = min(1.0, (progress - c.decay_start) / (1 - c.decay_start))
+    return c.final_lr + (1 - c.final_lr) * 0.5 * (1 + math.cos(math.pi * decay))
 
 
 def usable_rows(rows: list[Utterance], tokenizer: CharTokenizer, config: TrainConfig,
@@ -112,60 +115,53 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
           exp_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
     """Train a model into `exp_dir`; resumes from `exp_dir/last.pt` when it exists.
 
-    Returns the best dev metrics. Writes last.pt, best.pt and log.csv.
+    Returns the best dev metrics ({"wer", "cer", "epoch"}). Writes last.pt, best.pt and log.csv.
     """
     exp_dir = Path(exp_dir)
     exp_dir.mkdir(parents=True, exist_ok=True)
+    last = exp_dir / "last.pt"
+    resumed = load_model_file(last) if resume and last.exists() else None
+    if resumed is not None:
+        if "train_state" not in resumed:
+            raise ConfigError(f"{last}: holds no training state to resume from")
+        config = _resumed_config(config, from_dict(TrainConfig, resumed["train_state"]["config"]))
     device = pick_device(config.device)
     tokenizer = CharTokenizer()
     train_rows = usable_rows(train_rows, tokenizer, config, "train")
     dev_rows = [r for r in dev_rows if all(c in tokenizer.tokens for c in r.text)]
-
-    state = None
-    last = exp_dir / "last.pt"
-    if resume and last.exists():
-        state = load_model_file(last)["train_state"]
-        config = from_dict(TrainConfig, state["config"])  # the run goes on as it was started
-        log.info("resuming from %s at epoch %d, step %d", last, state["epoch"], state["step"])
     _seed_everything(config.seed)
 
     log_mel = LogMel().to(device)
-    if state is not None:
-        stats = load_model_file(last)["feature_stats"]
-        log_mel.set_stats(stats["mean"].to(device), stats["std"].to(device))
+    if resumed is not None:
+        stats = resumed["feature_stats"]
     else:
         sample = random.Random(config.seed).sample(train_rows, min(len(train_rows), config.data.stats_utterances))
         mean, std = compute_stats((torch.from_numpy(load_audio(r.audio)).to(device) for r in sample), log_mel)
-        log_mel.set_stats(mean, std)
+        stats = {"mean": mean, "std": std}
+    log_mel.set_stats(stats["mean"].to(device), stats["std"].to(device))
     specaug = SpecAugment(config.specaugment).to(device)
     model = BiLSTMCTC(config.model, len(tokenizer)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-
     sampler = BucketBatchSampler([r.duration for r in train_rows], config.data.max_batch_seconds,
                                  max_batch_size=config.data.max_batch_size, seed=config.seed,
                                  sorted_first_epoch=config.data.sorted_first_epoch)
-    steps_per_epoch = len(sampler)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, config.optim))
-    epoch, step, batch_in_epoch, best = 0, 0, 0, {"cer": float("inf")}
-    if state is not None:
-        model.load_state_dict(load_model_file(last)["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, step, batch_in_epoch, best = state["epoch"], state["step"], state["batch_in_epoch"], state["best"]
-        _set_rng_state(state["rng"])
+    total_steps = len(sampler) * config.epochs
+    budget = config.max_minutes * 60
 
-    dataset = SpeechDataset(train_rows, tokenizer)
-    ctc = torch.nn.CTCLoss(blank=tokenizer.blank_id, reduction="sum", zero_infinity=True)
-    csv_path = exp_dir / "log.csv"
-    new_csv = not csv_path.exists() or state is None
-    csv_file = open(csv_path, "w" if new_csv else "a", newline="")
-    writer = csv.writer(csv_file)
-    if new_csv:
-        writer.writerow(["step", "epoch", "loss", "lr", "audio_sec_per_sec", "dev_wer", "dev_cer"])
-    log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch, "
-             "%d epochs, device %s", model.num_parameters() / 1e6, len(train_rows),
-             sum(r.duration for r in train_rows) / 3600, steps_per_epoch, config.epochs, device)
+    # Where training stands; all of it goes into last.pt.
+    epoch, step, batch_in_epoch, elapsed, best = 0, 0, 0, 0.0, {"wer": 1.0, "cer": float("inf"), "epoch": 0}
+    if resumed is not None:
+        ts = resumed["train_state"]
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(ts["optimizer"])
+        epoch, step, batch_in_epoch, elapsed, best = (ts["epoch"], ts["step"], ts["batch_in_epoch"],
+                                                      ts["elapsed"], ts["best"])
+        _set_rng_state(ts["rng"])
+        log.info("resuming from %s: epoch %d, step %d, %.1f min trained", last, epoch + 1, step, elapsed / 60)
+    del resumed
+
+    def fraction_done() -> float:
+        return max(step / total_steps, elapsed / budget if budget else 0.0)
 
     def payload(with_state: bool) -> dict:
         out = {
@@ -177,14 +173,22 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
         }
         if with_state:
             out["train_state"] = {
-                "config": to_dict(config), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch,
-                "step": step, "batch_in_epoch": batch_in_epoch, "best": best,
+                "config": to_dict(config), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "elapsed": elapsed,
+                "best": best,
             }
         return out
 
+    dataset = SpeechDataset(train_rows, tokenizer)
+    ctc = torch.nn.CTCLoss(blank=tokenizer.blank_id, reduction="sum", zero_infinity=True)
+    log_csv = _CsvLog(exp_dir / "log.csv", append=step > 0)
+    log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch, "
+             "%d epochs%s, device %s", model.num_parameters() / 1e6, len(train_rows),
+             sum(r.duration for r in train_rows) / 3600, len(sampler), config.epochs,
+             f" or {config.max_minutes:g} min" if budget else "", device)
+
     skipped_nonfinite = 0
-    while epoch < config.epochs:
+    while epoch < config.epochs and fraction_done() < 1.0:
         model.train()
         sampler.set_epoch(epoch, batch_in_epoch)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
@@ -193,7 +197,10 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
         bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, dynamic_ncols=True)
         window_loss, window_audio, window_start = 0.0, 0.0, time.perf_counter()
+        tick = time.perf_counter()
         for batch in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = config.optim.lr * lr_factor(step, fraction_done(), config.optim)
             waves = batch["waves"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"):
                 feats, frames = log_mel(waves, batch["wave_lengths"].to(device))
@@ -207,46 +214,85 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
                 optimizer.step()
+                window_loss += loss.item()
             else:
                 skipped_nonfinite += 1
-            scheduler.step()
             step += 1
             batch_in_epoch += 1
-            window_loss += loss.item() if torch.isfinite(loss) else 0.0
-            window_audio += batch["wave_lengths"].sum().item() / 16000
+            now = time.perf_counter()
+            elapsed += now - tick
+            tick = now
+            window_audio += batch["wave_lengths"].sum().item() / SAMPLE_RATE
             if step % config.log_every == 0:
-                elapsed = time.perf_counter() - window_start
-                speed = window_audio / max(elapsed, 1e-9)
-                mean_loss = window_loss / config.log_every
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                speed = window_audio / max(now - window_start, 1e-9)
+                lr = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{window_loss / config.log_every:.3f}", lr=f"{lr:.2e}",
                                 audio_s_per_s=f"{speed:.0f}")
-                writer.writerow([step, epoch + 1, f"{mean_loss:.4f}", f"{scheduler.get_last_lr()[0]:.3e}",
-                                 f"{speed:.1f}", "", ""])
-                csv_file.flush()
-                window_loss, window_audio, window_start = 0.0, 0.0, time.perf_counter()
+                log_csv.write(step=step, epoch=epoch + 1, loss=window_loss / config.log_every, lr=lr,
+                              audio_sec_per_sec=speed, minutes=elapsed / 60)
+                window_loss, window_audio, window_start = 0.0, 0.0, now
             if config.save_every and step % config.save_every == 0:
                 save_model_file(payload(with_state=True), last)
+            if fraction_done() >= 1.0:
+                if budget and elapsed >= budget:
+                    log.info("time budget of %g min reached at step %d", config.max_minutes, step)
+                break
         bar.close()
         if skipped_nonfinite:
             log.warning("skipped %d batch(es) with a non-finite loss so far", skipped_nonfinite)
+        if batch_in_epoch >= sampler.batches_per_epoch:  # the epoch ran to its end
+            epoch, batch_in_epoch = epoch + 1, 0
 
-        epoch += 1
-        batch_in_epoch = 0
-        transcriber = Transcriber(model, log_mel, tokenizer, GreedyDecoder(tokenizer), device)
-        rates, _, failures = transcriber.evaluate(dev_rows, progress=progress)
-        for f in failures:
-            log.warning("dev: %s", f.message)
-        model.train()
-        writer.writerow([step, epoch, "", "", "", f"{rates.wer:.4f}", f"{rates.cer:.4f}"])
-        csv_file.flush()
-        log.info("epoch %d: dev WER %.2f%%  CER %.2f%%  (%d utterances)", epoch, 100 * rates.wer,
-                 100 * rates.cer, len(rates.utterances))
+        rates = evaluate_dev(model, log_mel, tokenizer, dev_rows, device, progress)
+        log_csv.write(step=step, epoch=epoch, dev_wer=rates.wer, dev_cer=rates.cer, minutes=elapsed / 60)
+        log.info("epoch %d: dev WER %.2f%%  CER %.2f%%  (%d utterances, %.1f min trained)", epoch,
+                 100 * rates.wer, 100 * rates.cer, len(rates.utterances), elapsed / 60)
         if rates.cer < best["cer"]:
             best = {"wer": rates.wer, "cer": rates.cer, "epoch": epoch}
             save_model_file(payload(with_state=False), exp_dir / "best.pt")
         save_model_file(payload(with_state=True), last)
-    csv_file.close()
+    log_csv.close()
     return best
+
+
+def _resumed_config(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
+    """A resumed run goes on with the config it started with; only its length may change."""
+    saved.epochs, saved.max_minutes = given.epochs, given.max_minutes
+    differ = [k for k, v in to_dict(given).items() if to_dict(saved)[k] != v]
+    if differ:
+        log.warning("resuming with the saved config; ignoring new values of: %s", ", ".join(differ))
+    return saved
+
+
+def evaluate_dev(model: BiLSTMCTC, log_mel: LogMel, tokenizer: CharTokenizer, rows: list[Utterance],
+                 device: torch.device, progress: bool):
+    """Greedy WER/CER of the model being trained; leaves it in training mode."""
+    rates, _, failures = Transcriber(model, log_mel, tokenizer, GreedyDecoder(tokenizer), device).evaluate(
+        rows, progress=progress)
+    for f in failures:
+        log.warning("dev: %s", f.message)
+    model.train()
+    return rates
+
+
+class _CsvLog:
+    """log.csv: one row per logged step or dev evaluation, blank where a column does not apply."""
+
+    COLUMNS = ["step", "epoch", "minutes", "loss", "lr", "audio_sec_per_sec", "dev_wer", "dev_cer"]
+
+    def __init__(self, path: Path, append: bool):
+        fresh = not (append and path.exists())
+        self.file = open(path, "w" if fresh else "a", newline="")
+        self.writer = csv.DictWriter(self.file, self.COLUMNS)
+        if fresh:
+            self.writer.writeheader()
+
+    def write(self, **values) -> None:
+        self.writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()})
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _seed_everything(seed: int) -> None:
