@@ -60,17 +60,23 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
 
 
 def audio_duration(path: str | os.PathLike) -> float:
-    """Duration in seconds from the file header (no decoding); AudioError when unreadable."""
+    """Duration in seconds from the file header; AudioError when the file is unreadable or
+    shorter than its header says (a cut-off download keeps its header, so the last sample is
+    read too: a seek, not a decode of the whole file)."""
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
     try:
-        info = sf.info(path)
+        with sf.SoundFile(path) as f:
+            frames, rate = f.frames, f.samplerate
+            if frames <= 0:
+                raise AudioError(f"{path}: holds no audio samples")
+            f.seek(frames - 1)
+            if len(f.read(1)) != 1:
+                raise AudioError(f"{path}: truncated (header says {frames} samples)")
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
-        raise AudioError(f"{path}: cannot read audio header ({_reason(e)})") from None
-    if info.frames <= 0:
-        raise AudioError(f"{path}: holds no audio samples")
-    return info.frames / info.samplerate
+        raise AudioError(f"{path}: cannot read audio ({_reason(e)})") from None
+    return frames / rate
 
 
 def _reason(e: Exception) -> str:

@@ -51,6 +51,8 @@ def read_manifest(path: str | os.PathLike) -> list[Utterance]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in ("id", "audio", "duration", "text") if k not in row]
             if missing:
                 raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")

@@ -38,16 +38,18 @@ class ModelConfig:
 
 
 class Conv2dSubsampling(nn.Module):
-    """Two 3x3 convolutions, stride 2 in frequency and `TIME_STRIDES[factor]` in time."""
+    """Two 3x3 convolutions, stride 2 in frequency and `TIME_STRIDES[factor]` in time.
+
+    Frames past each utterance's end are zeroed after every convolution, so an utterance gives
+    the same output alone or padded inside a batch.
+    """
 
     def __init__(self, factor: int, channels: int, out_dim: int):
         super().__init__()
         self.strides = TIME_STRIDES[factor]
         s1, s2 = self.strides
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, channels, 3, stride=(s1, 2), padding=1), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=(s2, 2), padding=1), nn.ReLU(),
-        )
+        self.convs = nn.ModuleList([nn.Conv2d(1, channels, 3, stride=(s1, 2), padding=1),
+                                    nn.Conv2d(channels, channels, 3, stride=(s2, 2), padding=1)])
         freq = (N_MELS + 1) // 2
         freq = (freq + 1) // 2
         self.out = nn.Linear(channels * freq, out_dim)
@@ -58,10 +60,15 @@ class Conv2dSubsampling(nn.Module):
         return lengths
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.conv(x[:, None])  # (B, T, F) -> (B, 1, T, F) -> (B, C, T', F')
+        x = x[:, None]  # (B, T, F) -> (B, 1, T, F)
+        for conv, s in zip(self.convs, self.strides):
+            x = torch.relu(conv(x))  # (B, C, T, F) -> (B, C, ceil(T / s), ceil(F / 2))
+            lengths = (lengths + s - 1) // s
+            valid = torch.arange(x.shape[2], device=x.device)[None, :] < lengths.to(x.device)[:, None]
+            x = x * valid[:, None, :, None]
         b, c, t, f = x.shape
         x = self.out(x.transpose(1, 2).reshape(b, t, c * f))  # (B, C, T', F') -> (B, T', C*F') -> (B, T', D)
-        return x, self.output_lengths(lengths)
+        return x, lengths
 
 
 class BiLSTMCTC(nn.Module):
@@ -76,6 +83,13 @@ class BiLSTMCTC(nn.Module):
                        dropout=config.dropout if config.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(2 * h, vocab_size)
+        if config.rnn_type == "lstm":
+            # Forget-gate bias 1 (Jozefowicz et al., 2015): memory is kept from the start, which
+            # shortens CTC's blank-only plateau. PyTorch orders the gates input, forget, cell, output.
+            with torch.no_grad():
+                for name, bias in self.rnn.named_parameters():
+                    if name.startswith("bias_"):  # bias_ih + bias_hh: forget gate sums to 1
+                        bias[h : 2 * h] = 1.0 if name.startswith("bias_ih") else 0.0
 
     def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
         return self.subsampling.output_lengths(frames)

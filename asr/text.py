@@ -28,7 +28,7 @@ def normalize_text(text: str) -> str:
     >>> normalize_text("Don’t  stop—Café, 2 times!")
     "DON'T STOP CAFE TIMES"
     """
-    text = re.sub(r"[-\u2010-\u2015_/]", " ", text.translate(_APOSTROPHES))
+    text = re.sub(r"[-\u2010-\u2015_/\s]", " ", text.translate(_APOSTROPHES))
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").upper()
     text = re.sub(r"[^A-Z0-9' ]+", "", text)  # punctuation glues to nothing: "U.S." -> "US"
     text = _NOT_IN_ALPHABET.sub(" ", text)

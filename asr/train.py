@@ -188,6 +188,7 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
              f" or {config.max_minutes:g} min" if budget else "", device)
 
     skipped_nonfinite = 0
+    window = {"loss": 0.0, "losses": 0, "audio": 0.0, "seconds": 0.0}  # since the last log line
     while epoch < config.epochs and fraction_done() < 1.0:
         model.train()
         sampler.set_epoch(epoch, batch_in_epoch)
@@ -196,7 +197,6 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
                             generator=torch.Generator().manual_seed(config.seed + epoch))  # leaves the global RNG alone
         bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, dynamic_ncols=True)
-        window_loss, window_audio, window_start = 0.0, 0.0, time.perf_counter()
         tick = time.perf_counter()
         for batch in bar:
             for group in optimizer.param_groups:
@@ -214,23 +214,25 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
                 optimizer.step()
-                window_loss += loss.item()
+                window["loss"] += loss.item()
+                window["losses"] += 1
             else:
                 skipped_nonfinite += 1
             step += 1
             batch_in_epoch += 1
             now = time.perf_counter()
             elapsed += now - tick
+            window["seconds"] += now - tick
             tick = now
-            window_audio += batch["wave_lengths"].sum().item() / SAMPLE_RATE
+            window["audio"] += batch["wave_lengths"].sum().item() / SAMPLE_RATE
             if step % config.log_every == 0:
-                speed = window_audio / max(now - window_start, 1e-9)
+                speed = window["audio"] / max(window["seconds"], 1e-9)
+                loss_mean = window["loss"] / max(window["losses"], 1)
                 lr = optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{window_loss / config.log_every:.3f}", lr=f"{lr:.2e}",
-                                audio_s_per_s=f"{speed:.0f}")
-                log_csv.write(step=step, epoch=epoch + 1, loss=window_loss / config.log_every, lr=lr,
+                bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{speed:.0f}")
+                log_csv.write(step=step, epoch=epoch + 1, loss=loss_mean, lr=lr,
                               audio_sec_per_sec=speed, minutes=elapsed / 60)
-                window_loss, window_audio, window_start = 0.0, 0.0, now
+                window = dict.fromkeys(window, 0)
             if config.save_every and step % config.save_every == 0:
                 save_model_file(payload(with_state=True), last)
             if fraction_done() >= 1.0:

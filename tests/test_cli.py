@@ -1,0 +1,280 @@
+"""The `asr` command end to end: prepare -> train -> evaluate / transcribe -> resume.
+
+The session's `trained` fixture (conftest.py) runs `asr prepare librispeech` and `asr train` once
+on a few sentences spoken by espeak-ng; the tests here check what those runs wrote and drive
+the trained model through the other commands, each in a fresh interpreter as a user would.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import asr
+from asr.checkpoint import load_model_file
+from asr.cli import main
+from conftest import E2E_EPOCHS, E2E_SETTINGS, read_jsonl, run_asr, sine, write_audio
+
+# ---------------------------------------------------------------------------------------------
+# Help and usage: in-process (fast), plus the installed console script once.
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], ["prepare", "train", "transcribe", "evaluate"]),
+    (["prepare"], ["librispeech", "synthetic"]),
+    (["prepare", "librispeech"], ["--corpus-dir", "--splits", "--out"]),
+    (["prepare", "synthetic"], ["--out", "--train-speakers", "--seed"]),
+    (["train"], ["--config", "--train", "--dev", "--exp-dir", "--set", "--no-resume", "KEY=VALUE"]),
+    (["transcribe"], ["--model", "--device", "audio"]),
+    (["evaluate"], ["--model", "--manifest", "--report-dir", "--device"]),
+])
+def test_help(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for word in expected:
+        assert word in out
+
+
+def test_console_script_help():
+    script = shutil.which("asr", path=str(Path(sys.executable).parent))
+    assert script, "the `asr` console script is not installed beside this Python"
+    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "usage: asr" in done.stdout and "transcribe" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["transcribe", "--model", "m.pt"], ["frobnicate"]])
+def test_bad_usage_exits_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def error_lines(stderr: str, command: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"asr {command}: error:")]
+
+
+def test_bad_config_is_one_line_and_exit_1(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    code = main(["train", "--train", str(manifest), "--dev", str(manifest), "--exp-dir", str(tmp_path / "exp"),
+                 "--set", "model.hiden_size=8"])
+    assert code == 1
+    (line,) = error_lines(capsys.readouterr().err, "train")
+    assert "unknown config key model.hiden_size" in line
+
+
+def test_missing_model_file(tmp_path, capsys):
+    audio = write_audio(tmp_path / "a.wav", sine(440, 0.2))
+    assert main(["transcribe", "--model", str(tmp_path / "none.pt"), str(audio)]) == 1
+    (line,) = error_lines(capsys.readouterr().err, "transcribe")
+    assert "none.pt" in line and "no such model file" in line
+
+
+@pytest.fixture
+def restore_logging():
+    """`asr train` adds a file handler for EXP_DIR/train.log to the root logger: take it off again."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def test_bad_manifest_line(tmp_path, capsys, restore_logging):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "audio": "a.wav", "duration": 1.0, "text": "A"}\n{oops\n')
+    code = main(["train", "--train", str(manifest), "--dev", str(manifest), "--exp-dir", str(tmp_path / "exp")])
+    assert code == 1
+    (line,) = error_lines(capsys.readouterr().err, "train")
+    assert f"{manifest}:2" in line and "not valid JSON" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on the session's trained model.
+
+def read_log(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def transcribed(stdout: str) -> dict[str, str]:
+    """{file: text} from `asr transcribe` output lines '<file>\\t<text>'."""
+    return dict(line.split("\t", 1) for line in stdout.splitlines() if "\t" in line)
+
+
+@pytest.mark.slow
+def test_prepare_wrote_the_manifest(trained):
+    rows = read_jsonl(trained.manifest)
+    assert [r["text"] for r in rows] == list(trained.texts.values())
+    assert [r["id"] for r in rows] == list(trained.texts)
+    for r in rows:
+        audio = trained.manifest.parent / r["audio"]
+        assert audio.is_file()
+        assert r["duration"] == pytest.approx(sf.info(audio).duration, abs=1e-3)
+    assert "train: 8 utterances" in trained.prepare.stdout
+    assert "skipped 100-7-0099" in trained.prepare.stderr and "no audio file" in trained.prepare.stderr
+
+
+@pytest.mark.slow
+def test_training_learned(trained):
+    exp = trained.exp
+    assert (exp / "best.pt").is_file() and (exp / "last.pt").is_file() and (exp / "train.log").is_file()
+    log = read_log(exp / "log.csv")
+    losses = [float(r["loss"]) for r in log if r["loss"]]
+    assert len(losses) >= 10
+    assert losses[-1] < 0.1 * losses[0], losses
+    dev_cer = [float(r["dev_cer"]) for r in log if r["dev_cer"]]
+    assert len(dev_cer) == E2E_EPOCHS
+    assert min(dev_cer) <= 0.05
+    best = load_model_file(exp / "best.pt")
+    assert "train_state" not in best
+    assert best["model_config"]["hidden_size"] == 96
+    assert re.search(r"best dev: WER [\d.]+%  CER [\d.]+%", trained.train.stdout)
+
+
+def score_table(stdout: str) -> dict[str, dict]:
+    """{set: {column: cell}} from the markdown table `asr evaluate` prints."""
+    lines = [line.strip().strip("|").split("|") for line in stdout.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0]]
+    return {cells[0].strip(): dict(zip(header, (c.strip() for c in cells))) for cells in lines[2:]}
+
+
+@pytest.mark.slow
+def test_evaluate_scores_and_writes_the_report(trained, tmp_path):
+    done = run_asr("evaluate", "--model", trained.exp / "best.pt", "--manifest", trained.manifest,
+                   "--report-dir", tmp_path / "reports")
+    assert done.returncode == 0, done.stderr
+    table = score_table(done.stdout)
+    assert list(table) == ["train"]
+    cer = float(table["train"]["CER %"])
+    assert cer <= 5.0, done.stdout
+    assert table["train"]["utterances"] == "8" and table["train"]["words"] == "22"
+    report = tmp_path / "reports" / "train.errors.jsonl"
+    assert table["train"]["per-utterance errors"] == str(report)
+    rows = read_jsonl(report)
+    assert sorted(r["id"] for r in rows) == sorted(trained.texts)
+    for r in rows:
+        assert r["reference"] == trained.texts[r["id"]]
+        assert {"hypothesis", "word_errors", "words", "char_errors", "chars"} <= set(r)
+    errors = [r["word_errors"] for r in rows]
+    assert errors == sorted(errors, reverse=True)  # worst first
+    chars = sum(r["chars"] for r in rows)
+    assert 100 * sum(r["char_errors"] for r in rows) / chars == pytest.approx(cer, abs=0.01)
+
+
+@pytest.mark.slow
+def test_evaluate_goes_on_past_bad_inputs(trained, tmp_path):
+    rows = read_jsonl(trained.manifest)
+    for r in rows:
+        r["audio"] = str(trained.manifest.parent / r["audio"])
+    rows.append({"id": "gone", "audio": str(tmp_path / "gone.flac"), "duration": 1.0, "text": "GONE"})
+    with_missing = tmp_path / "with-missing.jsonl"
+    with_missing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rows[0]) + "\n{oops\n")
+    done = run_asr("evaluate", "--model", trained.exp / "best.pt", "--manifest", broken, with_missing,
+                   trained.manifest)
+    assert done.returncode == 1
+    errors = error_lines(done.stderr, "evaluate")
+    assert len(errors) == 2
+    assert f"{broken}:2" in errors[0]
+    assert "gone.flac" in errors[1] and "no such file" in errors[1]
+    table = score_table(done.stdout)
+    assert list(table) == ["with-missing", "train"]  # the broken manifest is left out, the rest scored
+    assert table["with-missing"]["utterances"] == "8"
+    assert table["with-missing"]["CER %"] == table["train"]["CER %"]
+    assert (trained.exp / "with-missing.errors.jsonl").is_file()  # default: beside the model
+
+
+@pytest.fixture(scope="module")
+def copies(trained, tmp_path_factory):
+    """Training utterances in other containers: the espeak WAV (22.05 kHz) and a stereo 44.1 kHz WAV."""
+    from asr.audio import load_audio
+
+    folder = tmp_path_factory.mktemp("copies")
+    ids = list(trained.texts)
+    flac = next(trained.corpus.rglob(f"{ids[0]}.flac"))
+    wav = Path(shutil.copy(trained.espeak_wavs[ids[1]], folder / "b.wav"))
+    mono = load_audio(trained.espeak_wavs[ids[2]], sample_rate=44100)
+    stereo = write_audio(folder / "stereo.wav", np.stack([mono, 0.5 * mono], axis=1), 44100)
+    assert sf.info(stereo).channels == 2 and sf.info(stereo).samplerate == 44100
+    return {flac: trained.texts[ids[0]], wav: trained.texts[ids[1]], stereo: trained.texts[ids[2]]}
+
+
+@pytest.mark.slow
+def test_transcribe_files(trained, copies):
+    done = run_asr("transcribe", "--model", trained.exp / "best.pt", *copies)
+    assert done.returncode == 0, done.stderr
+    assert transcribed(done.stdout) == {str(path): text for path, text in copies.items()}
+    assert len(done.stdout.splitlines()) == len(copies)
+
+
+@pytest.mark.slow
+def test_transcribe_reports_bad_files_and_goes_on(trained, copies, tmp_path):
+    missing = tmp_path / "missing.wav"
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    good = list(copies)
+    done = run_asr("transcribe", "--model", trained.exp / "best.pt", good[0], missing, good[1], empty)
+    assert done.returncode == 1
+    assert transcribed(done.stdout) == {str(good[0]): copies[good[0]], str(good[1]): copies[good[1]]}
+    errors = error_lines(done.stderr, "transcribe")
+    assert len(errors) == 2
+    assert str(missing) in errors[0] and "no such file" in errors[0]
+    assert str(empty) in errors[1] and "empty" in errors[1]
+
+
+@pytest.mark.slow
+def test_python_api(trained, copies):
+    model = asr.load_model(trained.exp / "best.pt", device="cpu")
+    uid = list(trained.texts)[3]
+    from asr.audio import load_audio
+
+    samples = load_audio(trained.espeak_wavs[uid], sample_rate=44100)
+    assert model.transcribe(samples, sample_rate=44100) == trained.texts[uid]
+    stereo = np.stack([samples, samples], axis=1)  # (samples, channels)
+    assert model.transcribe(stereo, sample_rate=44100) == trained.texts[uid]
+    path, text = next(iter(copies.items()))
+    assert model.transcribe(str(path)) == text
+    read, rate = sf.read(trained.espeak_wavs[uid])  # float64 at 22.05 kHz, as the README shows
+    assert model.transcribe(read, sample_rate=rate) == trained.texts[uid]
+    assert model.transcribe(np.zeros(0, np.float32), sample_rate=16000) == ""
+    with pytest.raises(ValueError, match="sample_rate"):
+        model.transcribe(samples)
+    with pytest.raises(asr.AudioError, match="nope.wav"):
+        model.transcribe(Path("nope.wav"))
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs(trained, tmp_path):
+    exp = tmp_path / "exp"
+    shutil.copytree(trained.exp, exp)
+    before = load_model_file(exp / "last.pt")["train_state"]
+    assert (before["epoch"], before["step"]) == (E2E_EPOCHS, E2E_EPOCHS)
+    more = E2E_EPOCHS + 3
+    overrides = [a for s in E2E_SETTINGS + [f"epochs={more}"] for a in ("--set", s)]
+    done = run_asr("train", "--train", trained.manifest, "--dev", trained.manifest, "--exp-dir", exp,
+                   "--no-progress", *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr
+    assert "resuming from" in (exp / "train.log").read_text()
+    after = load_model_file(exp / "last.pt")["train_state"]
+    assert (after["epoch"], after["step"]) == (more, more)
+    log = read_log(exp / "log.csv")
+    dev_epochs = [int(r["epoch"]) for r in log if r["dev_cer"]]
+    assert dev_epochs == list(range(1, more + 1))  # the same log, continued
