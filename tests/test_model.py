@@ -5,7 +5,7 @@ import torch
 
 from asr.errors import ConfigError
 from asr.features import N_MELS
-from asr.model import BiLSTMCTC, ModelConfig
+from asr.model import BiLSTMCTC, ModelConfig, reverse_within_lengths
 
 VOCAB = 29
 
@@ -44,18 +44,19 @@ def test_subsampled_length_is_a_ceiling(subsampling, frames, expected):
 
 def test_gru_variant():
     model = tiny(rnn_type="gru", subsampling=2)
-    assert isinstance(model.rnn, torch.nn.GRU)
-    assert isinstance(tiny().rnn, torch.nn.LSTM)
+    assert all(isinstance(m, torch.nn.GRU) for m in [*model.rnn.forward_layers, *model.rnn.backward_layers])
+    assert all(isinstance(m, torch.nn.LSTM) for m in [*tiny().rnn.forward_layers, *tiny().rnn.backward_layers])
     log_probs, lengths = model(padded([20, 11]), torch.tensor([20, 11]))
     assert log_probs.shape == (2, 10, VOCAB) and lengths.tolist() == [10, 6]
     assert model.num_parameters() < tiny(subsampling=2).num_parameters()  # 3 gates instead of 4
 
 
 def test_parameter_count():
-    model = tiny(num_layers=1)
+    model = tiny(num_layers=2)
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
     h = 16
-    assert model.rnn.weight_ih_l0.shape == (4 * h, h)  # an LSTM over the subsampled features
+    assert model.rnn.forward_layers[0].weight_ih_l0.shape == (4 * h, h)  # an LSTM over the subsampled features
+    assert model.rnn.backward_layers[1].weight_ih_l0.shape == (4 * h, 2 * h)  # reads both directions below
     assert model.output.weight.shape == (VOCAB, 2 * h)  # both directions feed the output
 
 
@@ -123,3 +124,18 @@ def test_invalid_config_raises(overrides, key):
         BiLSTMCTC(ModelConfig(**overrides), VOCAB)
     with pytest.raises(ConfigError, match=key):
         ModelConfig(**overrides).validate()
+
+
+def test_reverse_within_lengths_by_hand():
+    index = reverse_within_lengths(torch.tensor([3, 5, 1]), 5)
+    assert index.tolist() == [[2, 1, 0, 3, 4], [4, 3, 2, 1, 0], [0, 1, 2, 3, 4]]
+    x = torch.arange(15.0).reshape(3, 5)
+    assert torch.equal(x.gather(1, index).gather(1, index), x)  # its own inverse
+
+
+def test_lstm_forget_gate_bias_starts_at_one():
+    model = tiny(num_layers=2)
+    h = 16
+    for layer in [*model.rnn.forward_layers, *model.rnn.backward_layers]:
+        forget = layer.bias_ih_l0[h : 2 * h] + layer.bias_hh_l0[h : 2 * h]
+        assert torch.equal(forget, torch.ones(h))
