@@ -65,6 +65,17 @@ def real_samples() -> Path:
     return REAL_SAMPLES
 
 
+def assert_error_names_file(error_type, call, path, *words) -> str:
+    """`call(path)` raises `error_type` whose message names `path` and holds every word."""
+    with pytest.raises(error_type) as err:
+        call(path)
+    message = str(err.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message
+    return message
+
+
 def run_asr(*args, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real command line in a fresh interpreter; returns the finished process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in pytest_configure, for the same reason

@@ -6,7 +6,7 @@ import soundfile as sf
 
 from asr.audio import SAMPLE_RATE, audio_duration, load_audio
 from asr.errors import AudioError
-from conftest import read_jsonl, sine, write_audio
+from conftest import assert_error_names_file, read_jsonl, sine, write_audio
 
 
 def peak_frequency(wave: np.ndarray, sr: int) -> float:
@@ -74,13 +74,7 @@ def test_odd_length_resample(tmp_path):
 
 
 def assert_audio_error(path, *words):
-    with pytest.raises(AudioError) as err:
-        load_audio(path)
-    message = str(err.value)
-    assert str(path) in message
-    for word in words:
-        assert word in message
-    return message
+    return assert_error_names_file(AudioError, load_audio, path, *words)
 
 
 def test_missing_file(tmp_path):

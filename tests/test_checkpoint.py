@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 
+from conftest import assert_error_names_file
 from asr.checkpoint import FORMAT_VERSION, load_model_file, save_model_file
 from asr.config import to_dict
 from asr.errors import ModelFileError
@@ -76,13 +77,7 @@ def test_a_saved_model_transcribes_after_reload(saved):
 
 
 def assert_refused(path, *words):
-    with pytest.raises(ModelFileError) as err:
-        load_model_file(path)
-    message = str(err.value)
-    assert str(path) in message
-    for word in words:
-        assert word in message
-    return message
+    return assert_error_names_file(ModelFileError, load_model_file, path, *words)
 
 
 def test_missing_file(tmp_path):
