@@ -14,7 +14,7 @@ import torch
 
 from asr.audio import SAMPLE_RATE, load_audio, resample, to_mono
 from asr.checkpoint import load_model_file
-from asr.data import Utterance
+from asr.data import BucketBatchSampler, Utterance
 from asr.decode import Decoder, build_decoder
 from asr.errors import ASRError, AudioError, ModelFileError
 from asr.features import LogMel
@@ -93,17 +93,11 @@ class Transcriber:
         the order of `rows` that decoded, failures). An unreadable file is a Failure, not a stop."""
         from tqdm import tqdm
 
-        order = sorted(range(len(rows)), key=lambda i: rows[i].duration)
         hyps: dict[int, str] = {}
         failures: list[Failure] = []
         bar = tqdm(total=len(rows), desc="decode", unit="utt", disable=not progress, leave=False)
-        i = 0
-        while i < len(order):
-            batch = [order[i]]
-            while (i + len(batch) < len(order)
-                   and (len(batch) + 1) * rows[order[i + len(batch)]].duration <= max_batch_seconds):
-                batch.append(order[i + len(batch)])
-            i += len(batch)
+        # Epoch 0 of the training sampler: shortest first, little padding.
+        for batch in BucketBatchSampler([r.duration for r in rows], max_batch_seconds):
             waves, kept = [], []
             for j in batch:
                 try:
