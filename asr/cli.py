@@ -167,6 +167,14 @@ def _transcribe(args) -> int:
     return 1 if failed else 0
 
 
+def _set_names(manifests: list[Path]) -> list[str]:
+    """A distinct name for each manifest: its stem, with its folder's name where stems repeat
+    (and its position where even that repeats), so no two reports overwrite each other."""
+    stems = [m.stem for m in manifests]
+    names = [f"{m.parent.name}_{m.stem}" if stems.count(m.stem) > 1 else m.stem for m in manifests]
+    return [f"{name}_{i + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
 def _evaluate(args) -> int:
     from asr.data import read_manifest
     from asr.metrics import write_report
@@ -174,7 +182,7 @@ def _evaluate(args) -> int:
 
     transcriber = load_model(args.model, device=args.device)
     table, failed = [], 0
-    for manifest in args.manifest:
+    for manifest, name in zip(args.manifest, _set_names(args.manifest)):
         try:
             rows = read_manifest(manifest)
         except ASRError as e:
@@ -185,9 +193,9 @@ def _evaluate(args) -> int:
         for f in failures:
             print(f"asr evaluate: error: {f.message}", file=sys.stderr)
         failed += len(failures)
-        report = (args.report_dir or args.model.parent) / f"{manifest.stem}.errors.jsonl"
+        report = (args.report_dir or args.model.parent) / f"{name}.errors.jsonl"
         write_report(rates, report)
-        table.append((manifest.stem, len(rates.utterances), rates.words, rates.wer, rates.cer, report))
+        table.append((name, len(rates.utterances), rates.words, rates.wer, rates.cer, report))
     print(f"model: {args.model}")
     print("| set | utterances | words | WER % | CER % | per-utterance errors |")
     print("|---|---:|---:|---:|---:|---|")

@@ -278,3 +278,12 @@ def test_resume_with_more_epochs(trained, tmp_path):
     log = read_log(exp / "log.csv")
     dev_epochs = [int(r["epoch"]) for r in log if r["dev_cer"]]
     assert dev_epochs == list(range(1, more + 1))  # the same log, continued
+
+
+def test_evaluate_names_sets_so_reports_never_collide():
+    from asr.cli import _set_names
+
+    assert _set_names([Path("a/dev.jsonl"), Path("a/test.jsonl")]) == ["dev", "test"]
+    assert _set_names([Path("ho/manifest.jsonl"), Path("lj/manifest.jsonl"), Path("a/dev.jsonl")]) == [
+        "ho_manifest", "lj_manifest", "dev"]
+    assert _set_names([Path("x/dev.jsonl"), Path("x/dev.jsonl")]) == ["x_dev_1", "x_dev_2"]
