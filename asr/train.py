@@ -54,6 +54,12 @@ class DataConfig:
     sorted_first_epoch: bool = True  # shortest utterances first in epoch 0 (SortaGrad)
     max_duration: float = 30.0  # longer utterances are left out of training
     num_workers: int = 1
+    speeds: tuple[float, ...] = (1.0,)  # speed perturbation: each utterance, each epoch, at one
+                                        # of these speeds (Kaldi and ESPnet use 0.9, 1.0, 1.1)
+
+    def __post_init__(self):
+        if not self.speeds or min(self.speeds) <= 0:
+            raise ConfigError(f"data.speeds={list(self.speeds)}: need one or more positive speeds")
     stats_utterances: int = 500  # utterances sampled for the global mean/std
 
 
@@ -68,9 +74,23 @@ class TrainConfig:
     max_minutes: float = 0.0  # wall-clock budget for training (0: none); the LR decay follows it
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    bf16: bool = False  # bf16 autocast on CUDA (CTC loss stays fp32)
+    bf16: bool = False  # bf16 autocast for the model on CUDA and on CPUs with native bf16
+                        # (AVX512-BF16/AMX); features and the CTC loss stay fp32
     log_every: int = 25
     save_every: int = 500  # steps between mid-epoch `last.pt` files
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast on `device`: a CUDA GPU with bf16 support, or a CPU whose
+    oneDNN kernels have native bf16 (AVX512-BF16 or AMX; elsewhere it is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
 
 
 def lr_factor(step: int, progress: float, c: OptimConfig) -> float:
@@ -89,6 +109,7 @@ def usable_rows(rows: list[Utterance], tokenizer: CharTokenizer, config: TrainCo
     """Rows fit for CTC training; the others are logged with the reason and left out."""
     keep, skipped = [], {}
     frames_per_label = config.model.subsampling / FRAMES_PER_SECOND
+    fastest = max(config.data.speeds)  # speed perturbation shortens utterances by up to this
     for r in rows:
         try:
             labels = len(tokenizer.encode(r.text))
@@ -99,7 +120,7 @@ def usable_rows(rows: list[Utterance], tokenizer: CharTokenizer, config: TrainCo
             skipped.setdefault(f"longer than {config.data.max_duration} s", []).append(r.id)
         elif labels == 0:
             skipped.setdefault("empty transcript", []).append(r.id)
-        elif r.duration < labels * frames_per_label:
+        elif r.duration / fastest < labels * frames_per_label:
             skipped.setdefault("too short for its transcript", []).append(r.id)
         else:
             keep.append(r)
@@ -126,6 +147,9 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
             raise ConfigError(f"{last}: holds no training state to resume from")
         config = _resumed_config(config, from_dict(TrainConfig, resumed["train_state"]["config"]))
     device = pick_device(config.device)
+    bf16 = config.bf16 and bf16_supported(device)
+    if config.bf16 and not bf16:
+        log.warning("bf16: %s has no native bf16 arithmetic; training in fp32", device)
     tokenizer = CharTokenizer()
     train_rows = usable_rows(train_rows, tokenizer, config, "train")
     dev_rows = [r for r in dev_rows if all(c in tokenizer.tokens for c in r.text)]
@@ -179,19 +203,20 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
             }
         return out
 
-    dataset = SpeechDataset(train_rows, tokenizer)
+    dataset = SpeechDataset(train_rows, tokenizer, speeds=config.data.speeds, seed=config.seed)
     ctc = torch.nn.CTCLoss(blank=tokenizer.blank_id, reduction="sum", zero_infinity=True)
     log_csv = _CsvLog(exp_dir / "log.csv", append=step > 0)
     log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch, "
              "%d epochs%s, device %s", model.num_parameters() / 1e6, len(train_rows),
              sum(r.duration for r in train_rows) / 3600, len(sampler), config.epochs,
-             f" or {config.max_minutes:g} min" if budget else "", device)
+             f" or {config.max_minutes:g} min" if budget else "", f"{device}{' (bf16)' if bf16 else ''}")
 
     skipped_nonfinite = 0
     window = {"loss": 0.0, "losses": 0, "audio": 0.0, "seconds": 0.0}  # since the last log line
     while epoch < config.epochs and fraction_done() < 1.0:
         model.train()
         sampler.set_epoch(epoch, batch_in_epoch)
+        dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                             num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(config.seed + epoch))  # leaves the global RNG alone
@@ -202,10 +227,10 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
             for group in optimizer.param_groups:
                 group["lr"] = config.optim.lr * lr_factor(step, fraction_done(), config.optim)
             waves = batch["waves"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"):
-                feats, frames = log_mel(waves, batch["wave_lengths"].to(device))
-                if epoch >= config.specaugment_from_epoch:
-                    feats = specaug(feats, frames)
+            feats, frames = log_mel(waves, batch["wave_lengths"].to(device))
+            if epoch >= config.specaugment_from_epoch:
+                feats = specaug(feats, frames)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 log_probs, out_lengths = model(feats, frames.cpu())
             loss = ctc(log_probs.float().transpose(0, 1),  # (B, T', V) -> (T', B, V)
                        batch["targets"], out_lengths, batch["target_lengths"]) / len(batch["ids"])

@@ -2,6 +2,7 @@
 
 import csv
 import logging
+import math
 import random
 import shutil
 
@@ -13,7 +14,7 @@ from asr.config import load_config
 from asr.data import Utterance
 from asr.errors import AudioError, ConfigError
 from asr.text import CharTokenizer
-from asr.train import OptimConfig, TrainConfig, lr_factor, train, usable_rows
+from asr.train import OptimConfig, TrainConfig, bf16_supported, lr_factor, train, usable_rows
 from conftest import noise, sine, write_audio
 
 
@@ -52,6 +53,10 @@ def test_usable_rows_leaves_out_what_ctc_cannot_learn(caplog):
         assert uid in log
     with pytest.raises(ConfigError, match="no usable utterances"):
         usable_rows(rows[1:5], tok, config, "train")
+    # Played 1.3 times faster, "fits" lasts 0.19 s: under the 5 frames its letters need.
+    faster = load_config(TrainConfig, None, ["model.subsampling=4", "data.max_duration=10",
+                                             "data.speeds=[1.0,1.3]"])
+    assert [r.id for r in usable_rows(rows, tok, faster, "train")] == ["ok"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +104,7 @@ def test_training_writes_models_and_log(tiny_rows, tmp_path):
 def test_resume_mid_epoch_is_exact(tiny_rows, tmp_path):
     """A run stopped mid-epoch and resumed ends with the weights of a run never stopped."""
     overrides = ["epochs=2", "data.max_batch_size=1", "save_every=1", "model.dropout=0.2",
-                 "specaugment_from_epoch=1", "data.stats_utterances=1"]
+                 "specaugment_from_epoch=1", "data.stats_utterances=1", "data.speeds=[0.9,1.0,1.1]"]
     straight = tmp_path / "straight"
     train(tiny_config(*overrides), tiny_rows, tiny_rows, straight, progress=False)
 
@@ -163,3 +168,17 @@ def test_logged_loss_is_the_mean_over_the_window(tiny_rows, tmp_path):
     assert len(every) == 4 and len(pairs) == 2
     assert every == pytest.approx([every[0]] * 4, rel=1e-4)  # the premise: a constant loss
     assert pairs == pytest.approx([every[0]] * 2, rel=1e-4)
+
+
+def test_bf16_trains_where_the_cpu_has_it_and_falls_back_where_not(tiny_rows, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="asr.train"):
+        train(tiny_config("epochs=2", "data.max_batch_size=4", "bf16=true"), tiny_rows, tiny_rows,
+              tmp_path / "exp", progress=False)
+    if bf16_supported(torch.device("cpu")):
+        assert "device cpu (bf16)" in caplog.text
+    else:
+        assert "no native bf16" in caplog.text and "(bf16)" not in caplog.text
+    losses = [float(r["loss"]) for r in read_log(tmp_path / "exp" / "log.csv") if r["loss"]]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    model = load_model_file(tmp_path / "exp" / "best.pt")["model"]
+    assert all(v.dtype == torch.float32 for v in model.values() if v.is_floating_point())  # fp32 weights
