@@ -7,6 +7,7 @@ torchaudio 2.9 no longer decodes files (it needs torchcodec), so decoding is lib
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,16 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np
         return wave
     out = torchaudio.functional.resample(torch.from_numpy(wave), orig_sr, target_sr)
     return out.numpy()
+
+
+def change_speed(wave: np.ndarray, speed: float) -> np.ndarray:
+    """Play `wave` `speed` times faster, tempo and pitch together (Kaldi-style speed
+    perturbation, Ko et al. 2015): resampling from `speed` x the rate back to the rate.
+    `speed` is taken as a ratio of small integers (0.9 -> 9/10)."""
+    ratio = Fraction(speed).limit_denominator(100)
+    if ratio <= 0:
+        raise ValueError(f"speed must be positive, got {speed}")
+    return resample(wave, ratio.numerator, ratio.denominator)
 
 
 def to_mono(wave: np.ndarray) -> np.ndarray:

@@ -44,6 +44,11 @@ def _coerce(value, kind, key: str):
         except (TypeError, ValueError):
             pass
     base = typing.get_origin(kind) or kind
+    if base in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        item = typing.get_args(kind)[0]
+        return base(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if base in (int, float, str, bool) and not (type(value) is base):
         raise ConfigError(f"{key}={value!r}: expected {base.__name__}")
     return value

@@ -18,10 +18,11 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from asr.audio import load_audio
+from asr.audio import change_speed, load_audio
 from asr.errors import ManifestError
 from asr.text import CharTokenizer
 
@@ -85,18 +86,39 @@ def write_manifest(rows: list[Utterance], path: str | os.PathLike) -> None:
 
 
 class SpeechDataset(Dataset):
-    """Utterances as (id, waveform (N,) float32 tensor, token ids (L,) int64 tensor, text)."""
+    """Utterances as (id, waveform (N,) float32 tensor, token ids (L,) int64 tensor, text).
 
-    def __init__(self, rows: list[Utterance], tokenizer: CharTokenizer):
+    With several `speeds` each item is played at one of them, drawn from (seed, epoch, item)
+    alone, so an epoch reads the same audio however it is batched, split or resumed; call
+    `set_epoch` before iterating an epoch.
+    """
+
+    def __init__(self, rows: list[Utterance], tokenizer: CharTokenizer, *,
+                 speeds: tuple[float, ...] = (1.0,), seed: int = 0):
         self.rows = rows
         self.targets = [torch.tensor(tokenizer.encode(r.text), dtype=torch.long) for r in rows]
+        self.speeds = tuple(speeds)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def speed(self, i: int) -> float:
+        if len(self.speeds) == 1:
+            return self.speeds[0]
+        return self.speeds[np.random.default_rng([self.seed, self.epoch, i]).integers(len(self.speeds))]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
         row = self.rows[i]
-        return row.id, torch.from_numpy(load_audio(row.audio)), self.targets[i], row.text
+        wave = load_audio(row.audio)
+        speed = self.speed(i)
+        if speed != 1.0:
+            wave = change_speed(wave, speed)
+        return row.id, torch.from_numpy(wave), self.targets[i], row.text
 
 
 def collate(items) -> dict:

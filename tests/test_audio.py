@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from asr.audio import SAMPLE_RATE, audio_duration, load_audio
+from asr.audio import SAMPLE_RATE, audio_duration, change_speed, load_audio
 from asr.errors import AudioError
 from conftest import assert_error_names_file, read_jsonl, sine, write_audio
 
@@ -58,6 +58,25 @@ def test_resampled_to_16k_with_length_and_pitch_kept(tmp_path, sr, ext):
     # Band-limited resampling keeps the tone's level (RMS of a 0.5 sine = 0.354).
     middle = loaded[1000:-1000]
     assert np.sqrt(np.mean(middle**2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.02)
+
+
+@pytest.mark.parametrize("speed", [0.9, 1.1, 1.25])
+def test_change_speed_scales_length_and_pitch(speed):
+    wave = sine(1000.0, 1.0, SAMPLE_RATE)
+    faster = change_speed(wave, speed)
+    assert len(faster) == pytest.approx(SAMPLE_RATE / speed, abs=1)
+    # 1 s at 1000 Hz played `speed` times faster: 1000 * speed Hz for 1/speed s.
+    assert peak_frequency(faster, SAMPLE_RATE) == pytest.approx(1000.0 * speed, abs=1.5 * speed)
+
+
+def test_change_speed_one_is_the_same_wave():
+    wave = sine(440.0, 0.5, SAMPLE_RATE)
+    np.testing.assert_array_equal(change_speed(wave, 1.0), wave)
+
+
+def test_change_speed_refuses_zero():
+    with pytest.raises(ValueError, match="positive"):
+        change_speed(np.zeros(100, np.float32), 0.0)
 
 
 def test_load_audio_to_another_rate(tmp_path):

@@ -102,6 +102,19 @@ def test_wrong_type_raises(override, key):
     assert key in str(err.value)
 
 
+def test_list_values_from_yaml_and_overrides(tmp_path):
+    config = load_config(TrainConfig, write_yaml(tmp_path, "data:\n  speeds: [0.9, 1, 1.1]\n"))
+    assert config.data.speeds == (0.9, 1.0, 1.1)
+    assert all(type(s) is float for s in config.data.speeds)
+    assert load_config(TrainConfig, None, ["data.speeds=[1.0]"]).data.speeds == (1.0,)
+    with pytest.raises(ConfigError, match=r"data.speeds\[1\]"):
+        load_config(TrainConfig, None, ["data.speeds=[1.0, fast]"])
+    with pytest.raises(ConfigError, match="data.speeds"):
+        load_config(TrainConfig, None, ["data.speeds=1.1"])
+    with pytest.raises(ConfigError, match="positive"):
+        load_config(TrainConfig, None, ["data.speeds=[0.0, 1.0]"])
+
+
 def test_wrong_type_in_yaml(tmp_path):
     path = write_yaml(tmp_path, "model:\n  num_layers: three\n")
     with pytest.raises(ConfigError, match="model.num_layers"):

@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,23 @@ def test_dataset_items(tmp_path):
     assert uid == "a" and text == "HI THERE"
     assert samples.dtype == torch.float32 and samples.shape == (4800,)  # resampled to 16 kHz
     assert target.dtype == torch.int64 and target.tolist() == tok.encode("HI THERE")
+
+
+def test_dataset_speeds_are_drawn_per_item_and_epoch(tmp_path):
+    audio = write_audio(tmp_path / "a.flac", sine(500, 1.0, 16000), 16000)
+    rows = [Utterance(f"u{i}", str(audio), 1.0, "A") for i in range(40)]
+    ds = SpeechDataset(rows, CharTokenizer(), speeds=(0.9, 1.0, 1.1), seed=3)
+    lengths = {math.ceil(16000 / s) for s in (0.9, 1.0, 1.1)}  # 17778, 16000, 14546
+    ds.set_epoch(0)
+    epoch0 = [len(ds[i][1]) for i in range(len(ds))]
+    assert set(epoch0) == lengths  # every speed is used, and only those
+    assert [len(ds[i][1]) for i in reversed(range(len(ds)))] == epoch0[::-1]  # order-free
+    ds.set_epoch(1)
+    assert [len(ds[i][1]) for i in range(len(ds))] != epoch0  # drawn afresh each epoch
+    again = SpeechDataset(rows, CharTokenizer(), speeds=(0.9, 1.0, 1.1), seed=3)
+    again.set_epoch(0)
+    assert [len(again[i][1]) for i in range(len(ds))] == epoch0  # and reproducibly
+    assert len(SpeechDataset(rows, CharTokenizer())[0][1]) == 16000  # default: as recorded
 
 
 def test_dataset_refuses_text_outside_the_alphabet(tmp_path):
