@@ -18,6 +18,21 @@ log = logging.getLogger("asr")
 EPILOG_PREPARE = """examples:
   asr prepare synthetic --out data/synthetic
   asr prepare librispeech --corpus-dir ~/LibriSpeech --splits train-clean-100 dev-clean --out data/ls
+  asr prepare librispeech --download --data-dir data/corpora --splits train-clean-5 dev-clean-2 --out data/mini
+"""
+
+EPILOG_LIBRISPEECH = """examples:
+  # a tree you already have
+  asr prepare librispeech --corpus-dir ~/LibriSpeech --splits train-clean-100 dev-clean --out data/ls
+  # Mini LibriSpeech (about 450 MB), downloaded, verified and extracted to data/corpora/LibriSpeech/
+  asr prepare librispeech --download --data-dir data/corpora --splits train-clean-5 dev-clean-2 --out data/mini
+  # from a nearer mirror, with your own checksums (md5sum or sha256sum output)
+  asr prepare librispeech --download --data-dir data/corpora --splits dev-clean --out data/ls \\
+      --mirror https://openslr.elda.org/resources --checksums sums.txt
+
+A download that stops (network, Ctrl-C) is resumed where it stopped by running the same command
+again; subsets already extracted are skipped. The archives stay in DATA_DIR: delete them once
+their subsets are extracted if you need the space.
 """
 
 
@@ -46,13 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write JSON Lines manifests (id, audio, duration, text) from a corpus.",
                        epilog=EPILOG_PREPARE, formatter_class=argparse.RawDescriptionHelpFormatter)
     corpora = p.add_subparsers(dest="corpus", required=True, metavar="CORPUS")
-    ls = corpora.add_parser("librispeech", help="a LibriSpeech-layout folder you already have",
-                            description="Manifests from an extracted LibriSpeech-layout tree: "
-                            "<split>/<speaker>/<chapter>/*.flac + *.trans.txt.")
-    ls.add_argument("--corpus-dir", required=True, type=Path,
-                    help="folder holding the split folders (e.g. LibriSpeech/ with train-clean-100/ inside)")
-    ls.add_argument("--splits", nargs="+", required=True, help="split folder names, e.g. train-clean-100 dev-clean")
+    from data_prep.download import DEFAULT_MIRROR, SUBSETS
+
+    ls = corpora.add_parser("librispeech", help="LibriSpeech: download it from OpenSLR, or use a tree you have",
+                            description="Manifests from a LibriSpeech-layout tree "
+                            "(<split>/<speaker>/<chapter>/*.flac + *.trans.txt):\none you already have "
+                            "(--corpus-dir), or subsets downloaded from OpenSLR (--download),\neach "
+                            "verified against its published md5 sum and extracted to "
+                            "DATA_DIR/LibriSpeech/<subset>/.",
+                            epilog=EPILOG_LIBRISPEECH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = ls.add_mutually_exclusive_group(required=True)
+    source.add_argument("--corpus-dir", type=Path,
+                        help="folder holding the split folders (e.g. LibriSpeech/ with train-clean-100/ inside)")
+    source.add_argument("--download", action="store_true",
+                        help="first download, verify and extract the subsets missing under --data-dir")
+    ls.add_argument("--data-dir", type=Path,
+                    help="with --download: folder for the archives and the extracted LibriSpeech/ tree")
+    ls.add_argument("--splits", nargs="+", required=True, metavar="SPLIT",
+                    help="split folder names, e.g. train-clean-100 dev-clean; with --download one of: "
+                    + " ".join(SUBSETS))
     ls.add_argument("--out", required=True, type=Path, help="folder for <split>.jsonl manifests")
+    ls.add_argument("--mirror", metavar="URL",
+                    help=f"with --download: base URL holding <resource number>/<archive> (default {DEFAULT_MIRROR})")
+    ls.add_argument("--checksums", type=Path, metavar="FILE",
+                    help="with --download: '<md5 or sha256>  <archive name>' lines (md5sum/sha256sum "
+                    "output) to verify against instead of the published md5 sums")
     ls.set_defaults(run=_prepare_librispeech)
     syn = corpora.add_parser("synthetic", help="speak an offline corpus with espeak-ng, then write its manifests",
                              description="Build the offline synthetic corpus (LibriSpeech layout, spoken by "
@@ -106,10 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare_librispeech(args) -> int:
+    corpus_dir = args.corpus_dir
+    if args.download:
+        from data_prep.download import DEFAULT_MIRROR, fetch_splits
+
+        if args.data_dir is None:
+            raise ASRError("--download needs --data-dir DIR: the folder for the archives and the "
+                           "extracted LibriSpeech/ tree")
+        corpus_dir = fetch_splits(args.splits, args.data_dir, mirror=args.mirror or DEFAULT_MIRROR,
+                                  checksums=args.checksums, progress=sys.stderr.isatty())
+    else:
+        given = [flag for flag, value in (("--data-dir", args.data_dir), ("--mirror", args.mirror),
+                                          ("--checksums", args.checksums)) if value is not None]
+        if given:
+            raise ASRError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only used with --download")
+
     from data_prep.librispeech import prepare_split
 
     for split in args.splits:
-        report = prepare_split(args.corpus_dir / split, args.out / f"{split}.jsonl")
+        report = prepare_split(corpus_dir / split, args.out / f"{split}.jsonl")
         _print_report(split, report)
     return 0
 
