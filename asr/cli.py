@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Build the offline synthetic corpus (LibriSpeech layout, spoken by "
                              "espeak-ng/flite) and write train/dev/test manifests beside it.")
     syn.add_argument("--out", required=True, type=Path, help="corpus folder; manifests go to OUT/<split>.jsonl")
-    syn.add_argument("--train-speakers", type=int, default=200, help="voices in train (default %(default)s)")
-    syn.add_argument("--train-utts", type=int, default=40, help="utterances per train voice (default %(default)s)")
+    syn.add_argument("--train-speakers", type=int, default=800, help="voices in train (default %(default)s)")
+    syn.add_argument("--train-utts", type=int, default=12, help="utterances per train voice (default %(default)s)")
     syn.add_argument("--eval-speakers", type=int, default=10, help="voices in dev and in test each (default %(default)s)")
     syn.add_argument("--eval-utts", type=int, default=20, help="utterances per dev/test voice (default %(default)s)")
     syn.add_argument("--max-words", type=int, default=16, help="longest sentence in words (default %(default)s)")
