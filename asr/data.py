@@ -157,6 +157,9 @@ class BucketBatchSampler(Sampler[list[int]]):
             batch.append(i)
         if batch:
             self.batches.append(batch)
+        padded = sum(len(b) * max(durations[i] for i in b) for b in self.batches)
+        # Real audio / padded audio over an epoch: the share of computed frames that are speech.
+        self.padding_efficiency = sum(durations) / padded if padded else 1.0
         self.seed, self.sorted_first_epoch = seed, sorted_first_epoch
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0

@@ -206,9 +206,10 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
     dataset = SpeechDataset(train_rows, tokenizer, speeds=config.data.speeds, seed=config.seed)
     ctc = torch.nn.CTCLoss(blank=tokenizer.blank_id, reduction="sum", zero_infinity=True)
     log_csv = _CsvLog(exp_dir / "log.csv", append=step > 0)
-    log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch, "
-             "%d epochs%s, device %s", model.num_parameters() / 1e6, len(train_rows),
-             sum(r.duration for r in train_rows) / 3600, len(sampler), config.epochs,
+    log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch "
+             "(padding efficiency %.1f%%), %d epochs%s, device %s", model.num_parameters() / 1e6,
+             len(train_rows), sum(r.duration for r in train_rows) / 3600, sampler.batches_per_epoch,
+             100 * sampler.padding_efficiency, config.epochs,
              f" or {config.max_minutes:g} min" if budget else "", f"{device}{' (bf16)' if bf16 else ''}")
 
     skipped_nonfinite = 0

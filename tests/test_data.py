@@ -195,6 +195,23 @@ def test_an_utterance_longer_than_the_limit_gets_a_batch_of_its_own():
     assert epoch(sampler, 0) == [[0, 2], [1]]
 
 
+def test_padding_efficiency_by_hand():
+    assert BucketBatchSampler([1.0, 1.0, 2.0, 2.0], 4.0).padding_efficiency == 1.0  # [1, 1] [2, 2]
+    # One batch [1 s, 2 s] pads to 2 x 2 s: 3 s of speech in 4 s of frames.
+    assert BucketBatchSampler([1.0, 2.0], 4.0).padding_efficiency == pytest.approx(0.75)
+
+
+def test_padding_efficiency_on_librispeech_like_durations():
+    # train-clean-100's shape: mostly 10-17 s, a tail down to ~1 s, capped at ~25 s.
+    rng = np.random.default_rng(0)
+    durations = np.clip(rng.normal(12.7, 3.5, 28_000), 1.0, 24.5).tolist()
+    sampler = BucketBatchSampler(durations, 200.0, max_batch_size=128)
+    real = sum(durations)
+    padded = sum(len(b) * max(durations[i] for i in b) for b in sampler.batches)
+    assert sampler.padding_efficiency == pytest.approx(real / padded)
+    assert sampler.padding_efficiency >= 0.99
+
+
 def test_first_epoch_is_sorted_later_epochs_are_shuffled():
     sampler = BucketBatchSampler(DURATIONS, max_seconds=40.0, seed=3)
     first = epoch(sampler, 0)
