@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--splits", nargs="+", required=True, metavar="SPLIT",
                     help="split folder names, e.g. train-clean-100 dev-clean; with --download one of: "
                     + " ".join(SUBSETS))
-    ls.add_argument("--out", required=True, type=Path, help="folder for <split>.jsonl manifests")
+    ls.add_argument("--out", type=Path, help="folder for <split>.jsonl manifests (with --download it "
+                    "may be left out: the subsets are then only downloaded and extracted)")
     ls.add_argument("--mirror", metavar="URL",
                     help=f"with --download: base URL holding <resource number>/<archive> (default {DEFAULT_MIRROR})")
     ls.add_argument("--checksums", type=Path, metavar="FILE",
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, type=Path, nargs="+", help="manifest(s) to decode and score")
     p.add_argument("--report-dir", type=Path,
                    help="folder for <manifest>.errors.jsonl (default: the model file's folder)")
+    p.add_argument("--results", type=Path, metavar="FILE",
+                   help="also write the table as markdown to FILE (e.g. EXP_DIR/RESULTS.md), with the "
+                   "date, the code's git commit, the model's size and configuration, and the decoder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
     p.set_defaults(run=_evaluate)
     return parser
@@ -153,6 +157,11 @@ def _prepare_librispeech(args) -> int:
                                           ("--checksums", args.checksums)) if value is not None]
         if given:
             raise ASRError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only used with --download")
+        if args.out is None:
+            raise ASRError("--corpus-dir needs --out DIR: the folder for the <split>.jsonl manifests")
+    if args.out is None:
+        print(f"extracted: {corpus_dir}")
+        return 0
 
     from data_prep.librispeech import prepare_split
 
@@ -244,12 +253,61 @@ def _evaluate(args) -> int:
         report = (args.report_dir or args.model.parent) / f"{name}.errors.jsonl"
         write_report(rates, report)
         table.append((name, len(rates.utterances), rates.words, rates.wer, rates.cer, report))
+    rows = ["| set | utterances | words | WER % | CER % | per-utterance errors |",
+            "|---|---:|---:|---:|---:|---|"]
+    rows += [f"| {name} | {utts} | {words} | {100 * wer:.2f} | {100 * cer:.2f} | {report} |"
+             for name, utts, words, wer, cer, report in table]
     print(f"model: {args.model}")
-    print("| set | utterances | words | WER % | CER % | per-utterance errors |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name, utts, words, wer, cer, report in table:
-        print(f"| {name} | {utts} | {words} | {100 * wer:.2f} | {100 * cer:.2f} | {report} |")
+    print("\n".join(rows))
+    if args.results:
+        _write_results(args.results, args.model, transcriber, rows)
     return 1 if failed else 0
+
+
+def _write_results(path: Path, model_path: Path, transcriber, table: list[str]) -> None:
+    """RESULTS.md: the score table with what it takes to reproduce it."""
+    import dataclasses
+    import datetime
+
+    import json
+
+    import yaml
+
+    from asr.checkpoint import load_model_file
+
+    model = transcriber.model
+    config = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model.config).items())
+    lines = [
+        f"# Results: {model_path}", "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- commit: {_git_commit()}",
+        f"- model: {model.num_parameters() / 1e6:.2f} M parameters; {config}",
+        f"- decoding: {type(transcriber.decoder).__name__}",
+        "", *table, "",
+    ]
+    trained_with = load_model_file(model_path).get("train_config")
+    if trained_with:  # lists for tuples: plain YAML
+        lines += ["Training configuration:", "", "```yaml",
+                  yaml.safe_dump(json.loads(json.dumps(trained_with)), sort_keys=False).rstrip(), "```", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _git_commit() -> str:
+    """The commit of the code that scored, with '+changes' when the tree differs from it."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+    if commit.returncode != 0:
+        return "unknown (not a git checkout)"
+    return commit.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
 
 
 if __name__ == "__main__":

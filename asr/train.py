@@ -194,6 +194,7 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
             "feature_stats": {"mean": log_mel.mean.cpu(), "std": log_mel.std.cpu()},
             "model": {k: v.cpu() for k, v in model.state_dict().items()},
             "decoding": {"decoder": "greedy"},
+            "train_config": to_dict(config),  # what made these weights, for RESULTS.md
         }
         if with_state:
             out["train_state"] = {

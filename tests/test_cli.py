@@ -156,10 +156,17 @@ def score_table(stdout: str) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_evaluate_scores_and_writes_the_report(trained, tmp_path):
+    results = tmp_path / "exp" / "RESULTS.md"
     done = run_asr("evaluate", "--model", trained.exp / "best.pt", "--manifest", trained.manifest,
-                   "--report-dir", tmp_path / "reports")
+                   "--report-dir", tmp_path / "reports", "--results", results)
     assert done.returncode == 0, done.stderr
     table = score_table(done.stdout)
+    written = results.read_text()
+    assert score_table(written) == table  # the printed table, and with it what reproduces it
+    assert re.search(r"^- commit: ([0-9a-f]{7,}( \+changes)?|unknown .*)$", written, re.M), written
+    assert re.search(r"^- model: \d+\.\d\d M parameters; .*hidden_size=", written, re.M), written
+    assert "- decoding: GreedyDecoder" in written
+    assert "rnn_type: gru" in written and "epochs: " in written  # the training configuration
     assert list(table) == ["train"]
     cer = float(table["train"]["CER %"])
     assert cer <= 5.0, done.stdout

@@ -47,7 +47,7 @@ fi
 if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
   echo "== stage 3: score"
   "$asr" evaluate --model "$exp/best.pt" --manifest "$data/dev.jsonl" "$data/test.jsonl" \
-    | tee "$exp/RESULTS.md"
+    --results "$exp/RESULTS.md"
 fi
 
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
