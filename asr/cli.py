@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from manifests",
                        description="Train a BiLSTM-CTC model. Resumes from EXP_DIR/last.pt when it exists. "
-                       "Writes EXP_DIR/best.pt (best dev CER), last.pt (with training state), log.csv, train.log.",
+                       "Writes EXP_DIR/feature_stats.pt first (reused when there), then best.pt (best dev CER), "
+                       "last.pt (with training state), log.csv, train.log.",
                        epilog="example: asr train --config recipes/demo/conf.yaml --train data/train.jsonl "
                        "--dev data/dev.jsonl --exp-dir exp/run1 --set optim.lr=5e-4 --set epochs=20")
     p.add_argument("--config", type=Path, help="YAML file overriding the defaults (see asr/train.py TrainConfig)")
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config value, e.g. --set model.hidden_size=320 (repeatable)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if EXP_DIR/last.pt exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--stats-only", action="store_true",
+                   help="only compute the feature statistics into EXP_DIR/feature_stats.pt (training "
+                   "then reads them from there); a recipe stage of its own")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("transcribe", help="print the text of audio files",
@@ -202,7 +206,10 @@ def _train(args) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     best = train(config, read_manifest(args.train), read_manifest(args.dev), args.exp_dir,
-                 resume=not args.no_resume, progress=not args.no_progress)
+                 resume=not args.no_resume, progress=not args.no_progress, stats_only=args.stats_only)
+    if args.stats_only:
+        print(f"feature statistics -> {args.exp_dir / 'feature_stats.pt'}")
+        return 0
     print(f"best dev: WER {100 * best['wer']:.2f}%  CER {100 * best['cer']:.2f}%  "
           f"(epoch {best['epoch']}) -> {args.exp_dir / 'best.pt'}")
     return 0

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from asr.audio import SAMPLE_RATE, load_audio
-from asr.checkpoint import load_model_file, save_model_file
+from asr.checkpoint import load_feature_stats, load_model_file, save_feature_stats, save_model_file
 from asr.config import from_dict, to_dict
 from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate
 from asr.decode import GreedyDecoder
@@ -35,6 +35,9 @@ from asr.text import CharTokenizer
 from asr.transcribe import Transcriber, pick_device
 
 log = logging.getLogger("asr.train")
+
+
+STATS_FILE = "feature_stats.pt"  # in the experiment folder, written before training starts
 
 
 @dataclass
@@ -132,9 +135,20 @@ def usable_rows(rows: list[Utterance], tokenizer: CharTokenizer, config: TrainCo
     return keep
 
 
+def feature_stats(rows: list[Utterance], config: TrainConfig, log_mel: LogMel) -> dict:
+    """Global log-mel mean/std over `config.data.stats_utterances` utterances drawn by the seed."""
+    sample = random.Random(config.seed).sample(rows, min(len(rows), config.data.stats_utterances))
+    device = log_mel.mean.device
+    mean, std = compute_stats((torch.from_numpy(load_audio(r.audio)).to(device) for r in sample), log_mel)
+    return {"mean": mean.cpu(), "std": std.cpu()}
+
+
 def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utterance],
-          exp_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
+          exp_dir: str | Path, resume: bool = True, progress: bool = True, stats_only: bool = False) -> dict:
     """Train a model into `exp_dir`; resumes from `exp_dir/last.pt` when it exists.
+
+    The feature statistics come from `exp_dir/feature_stats.pt` when it exists, else they are
+    computed and written there first; `stats_only` stops after that (a recipe stage of its own).
 
     Returns the best dev metrics ({"wer", "cer", "epoch"}). Writes last.pt, best.pt and log.csv.
     """
@@ -156,13 +170,20 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
     _seed_everything(config.seed)
 
     log_mel = LogMel().to(device)
+    stats_file = exp_dir / STATS_FILE
     if resumed is not None:
         stats = resumed["feature_stats"]
+    elif resume and stats_file.exists():
+        stats = load_feature_stats(stats_file)
+        log.info("feature statistics from %s", stats_file)
     else:
-        sample = random.Random(config.seed).sample(train_rows, min(len(train_rows), config.data.stats_utterances))
-        mean, std = compute_stats((torch.from_numpy(load_audio(r.audio)).to(device) for r in sample), log_mel)
-        stats = {"mean": mean, "std": std}
+        stats = feature_stats(train_rows, config, log_mel)
+        save_feature_stats(stats, stats_file)
     log_mel.set_stats(stats["mean"].to(device), stats["std"].to(device))
+    if stats_only:
+        log.info("feature statistics of %d utterances -> %s", min(len(train_rows), config.data.stats_utterances),
+                 stats_file)
+        return {}
     specaug = SpecAugment(config.specaugment).to(device)
     model = BiLSTMCTC(config.model, len(tokenizer)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)

@@ -26,7 +26,8 @@ def run_recipe(*args) -> subprocess.CompletedProcess:
 def test_help_lists_the_stages_and_options():
     done = run_recipe("--help")
     assert done.returncode == 0
-    for word in ("1  download", "2  manifests", "3  train", "4  decode", "--mirror", "--checksums",
+    for word in ("1  download", "2  manifests", "3  feature statistics", "4  train", "5  decode",
+                 "--mirror", "--checksums",
                  "--corpus-dir", "--train-set", "--test-sets", "--conf", "--set"):
         assert word in done.stdout, word
     assert run_recipe("--bogus").returncode == 2
@@ -42,11 +43,12 @@ def test_every_stage_on_a_served_archive_then_nothing_twice(mirror, tmp_path):  
               *[a for s in TINY for a in ("--set", s)]]
     done = run_recipe(*common)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    for stage in ("stage 1", "stage 2", "stage 3", "stage 4"):
+    for stage in ("stage 1", "stage 2", "stage 3", "stage 4", "stage 5"):
         assert f"== {stage}" in done.stdout
     rows = read_manifest(tmp_path / "data" / "manifests" / f"{SUBSET}.jsonl")
     assert {r.id: r.text for r in rows} == TEXTS
-    assert {p.name for p in (tmp_path / "exp").iterdir()} >= {"best.pt", "last.pt", "log.csv", "RESULTS.md"}
+    assert {p.name for p in (tmp_path / "exp").iterdir()} >= {"feature_stats.pt", "best.pt", "last.pt", "log.csv",
+                                                               "RESULTS.md"}
     results = (tmp_path / "exp" / "RESULTS.md").read_text()
     assert f"| {SUBSET} | 3 | 6 |" in results  # the set, its utterances and words
     assert "- commit: " in results and "hidden_size: 16" in results
@@ -58,6 +60,7 @@ def test_every_stage_on_a_served_archive_then_nothing_twice(mirror, tmp_path):  
     assert again.returncode == 0, again.stderr[-3000:]
     assert mirror.gets(path) == [None]
     assert "already extracted" in again.stderr and "all manifests present" in again.stdout
+    assert "already computed" in again.stdout
     assert "resuming from" in again.stderr
 
 

@@ -182,3 +182,35 @@ def test_bf16_trains_where_the_cpu_has_it_and_falls_back_where_not(tiny_rows, tm
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     model = load_model_file(tmp_path / "exp" / "best.pt")["model"]
     assert all(v.dtype == torch.float32 for v in model.values() if v.is_floating_point())  # fp32 weights
+
+
+def test_stats_only_writes_the_statistics_that_training_then_reads(tiny_rows, tmp_path, caplog):
+    from asr.checkpoint import load_feature_stats
+
+    exp = tmp_path / "exp"
+    assert train(tiny_config("epochs=1"), tiny_rows, tiny_rows, exp, progress=False, stats_only=True) == {}
+    assert sorted(p.name for p in exp.iterdir()) == ["feature_stats.pt"]  # and nothing else
+    stats = load_feature_stats(exp / "feature_stats.pt")
+    assert stats["mean"].shape == stats["std"].shape == (80,) and (stats["std"] > 0).all()
+    # Training takes them from the file: doctored statistics end up in the model file as they are.
+    from asr.checkpoint import save_feature_stats
+
+    save_feature_stats({"mean": torch.full((80,), 3.0), "std": torch.full((80,), 2.0)}, exp / "feature_stats.pt")
+    with caplog.at_level(logging.INFO, logger="asr.train"):
+        train(tiny_config("epochs=1", "data.max_batch_size=4"), tiny_rows, tiny_rows, exp, progress=False)
+    assert "feature statistics from" in caplog.text
+    model = load_model_file(exp / "best.pt")
+    assert torch.equal(model["feature_stats"]["mean"], torch.full((80,), 3.0))
+    assert model["train_config"]["epochs"] == 1
+
+
+def test_a_file_without_statistics_is_refused(tmp_path):
+    from asr.checkpoint import load_feature_stats, save_feature_stats
+    from asr.errors import ModelFileError
+
+    path = tmp_path / "stats.pt"
+    save_feature_stats({"mean": [0.0]}, path)
+    with pytest.raises(ModelFileError, match="stats.pt: holds no feature statistics"):
+        load_feature_stats(path)
+    with pytest.raises(ModelFileError, match="gone.pt: no such feature statistics file"):
+        load_feature_stats(tmp_path / "gone.pt")

@@ -7,9 +7,9 @@
 #   1  download, verify (md5) and extract the subsets from OpenSLR or --mirror
 #      (skipped with --corpus-dir, a LibriSpeech/ folder you already have)
 #   2  manifests: DATA_DIR/manifests/<subset>.jsonl, with a report of what was left out
-#   3  train: feature statistics from the training manifest, then BiLSTM-CTC
-#      (resumes from EXP_DIR/last.pt)
-#   4  decode the dev and test sets (greedy) and score them: EXP_DIR/RESULTS.md
+#   3  feature statistics (log-mel mean/std) of the training set: EXP_DIR/feature_stats.pt
+#   4  train BiLSTM-CTC (resumes from EXP_DIR/last.pt)
+#   5  decode the dev and test sets (greedy) and score them: EXP_DIR/RESULTS.md
 #
 # Options:
 #   --data-dir DIR       archives, the extracted LibriSpeech/ tree, manifests (default data/librispeech)
@@ -30,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 stage=1
-stop_stage=4
+stop_stage=5
 data=data/librispeech
 exp=
 corpus=
@@ -55,7 +55,7 @@ while [ $# -gt 0 ]; do
     --test-sets) test_sets=$2; shift 2 ;;
     --conf) conf=$2; shift 2 ;;
     --set) overrides+=(--set "$2"); shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -94,14 +94,25 @@ if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
   fi
 fi
 
+train=("$asr" train --config "$conf" --train "$manifests/$train_set.jsonl" --dev "$manifests/$dev_set.jsonl"
+       --exp-dir "$exp" "${overrides[@]}")
+
 if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
-  echo "== stage 3: train -> $exp"
-  "$asr" train --config "$conf" --train "$manifests/$train_set.jsonl" --dev "$manifests/$dev_set.jsonl" \
-    --exp-dir "$exp" "${overrides[@]}"
+  echo "== stage 3: feature statistics -> $exp/feature_stats.pt"
+  if [ -f "$exp/feature_stats.pt" ]; then
+    echo "already computed"
+  else
+    "${train[@]}" --stats-only
+  fi
 fi
 
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
-  echo "== stage 4: decode and score -> $exp/RESULTS.md"
+  echo "== stage 4: train -> $exp"
+  "${train[@]}"
+fi
+
+if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
+  echo "== stage 5: decode and score -> $exp/RESULTS.md"
   sets=()
   for s in $(printf '%s\n' "$dev_set" $test_sets | awk '!seen[$0]++'); do
     sets+=("$manifests/$s.jsonl")
