@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write JSON Lines manifests (id, audio, duration, text) from a corpus.",
                        epilog=EPILOG_PREPARE, formatter_class=argparse.RawDescriptionHelpFormatter)
     corpora = p.add_subparsers(dest="corpus", required=True, metavar="CORPUS")
-    from data_prep.download import DEFAULT_MIRROR, SUBSETS
+    from data_prep.download import DEFAULT_MIRROR, LM_RESOURCES, SUBSETS
 
     ls = corpora.add_parser("librispeech", help="LibriSpeech: download it from OpenSLR, or use a tree you have",
                             description="Manifests from a LibriSpeech-layout tree "
@@ -77,11 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="first download, verify and extract the subsets missing under --data-dir")
     ls.add_argument("--data-dir", type=Path,
                     help="with --download: folder for the archives and the extracted LibriSpeech/ tree")
-    ls.add_argument("--splits", nargs="+", required=True, metavar="SPLIT",
+    ls.add_argument("--splits", nargs="+", default=[], metavar="SPLIT",
                     help="split folder names, e.g. train-clean-100 dev-clean; with --download one of: "
                     + " ".join(SUBSETS))
     ls.add_argument("--out", type=Path, help="folder for <split>.jsonl manifests (with --download it "
                     "may be left out: the subsets are then only downloaded and extracted)")
+    ls.add_argument("--lm", nargs="+", default=[], metavar="FILE",
+                    help="with --download: LM resources to fetch into DATA_DIR/lm/, any of: "
+                    + " ".join(LM_RESOURCES))
     ls.add_argument("--mirror", metavar="URL",
                     help=f"with --download: base URL holding <resource number>/<archive> (default {DEFAULT_MIRROR})")
     ls.add_argument("--checksums", type=Path, metavar="FILE",
@@ -148,17 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prepare_librispeech(args) -> int:
     corpus_dir = args.corpus_dir
+    if not args.splits and not (args.download and args.lm):
+        raise ASRError("name the subsets with --splits (or, with --download, LM files with --lm)")
     if args.download:
-        from data_prep.download import DEFAULT_MIRROR, fetch_splits
+        from data_prep.download import DEFAULT_MIRROR, check_request, fetch_lm, fetch_splits
 
         if args.data_dir is None:
             raise ASRError("--download needs --data-dir DIR: the folder for the archives and the "
                            "extracted LibriSpeech/ tree")
-        corpus_dir = fetch_splits(args.splits, args.data_dir, mirror=args.mirror or DEFAULT_MIRROR,
-                                  checksums=args.checksums, progress=sys.stderr.isatty())
+        check_request(args.splits, args.lm, args.mirror or DEFAULT_MIRROR)  # before any byte is fetched
+        fetch = dict(mirror=args.mirror or DEFAULT_MIRROR, checksums=args.checksums, progress=sys.stderr.isatty())
+        corpus_dir = fetch_splits(args.splits, args.data_dir, **fetch)
+        for path in fetch_lm(args.lm, args.data_dir, **fetch):
+            print(f"lm: {path}")
+        if not args.splits:
+            return 0
     else:
         given = [flag for flag, value in (("--data-dir", args.data_dir), ("--mirror", args.mirror),
-                                          ("--checksums", args.checksums)) if value is not None]
+                                          ("--checksums", args.checksums), ("--lm", args.lm or None))
+                 if value is not None]
         if given:
             raise ASRError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only used with --download")
         if args.out is None:

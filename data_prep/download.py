@@ -373,6 +373,29 @@ def _checked(members: Iterable[tarfile.TarInfo], archive: Path, root: Path) -> I
 # The whole stage
 
 
+def check_request(splits: Iterable[str] = (), lm: Iterable[str] = (), mirror: str = DEFAULT_MIRROR) -> None:
+    """Raise DownloadError for an unknown subset or LM file name, or a mirror that is no URL."""
+    for kind, names, table in (("subset", splits, SUBSETS), ("LM resource", lm, LM_RESOURCES)):
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise DownloadError(f"unknown LibriSpeech {kind}{'s' if len(unknown) > 1 else ''} "
+                                f"{', '.join(unknown)}; valid: {', '.join(table)}")
+    if not re.match(r"https?://", mirror):
+        raise DownloadError(f"mirror {mirror!r} is not an http:// or https:// URL")
+
+
+def fetch_lm(names: Iterable[str], data_dir: str | os.PathLike, mirror: str = DEFAULT_MIRROR,
+             checksums: str | os.PathLike | None = None, progress: bool = False) -> list[Path]:
+    """Download and verify LibriSpeech's LM resources (SLR11: ARPA n-grams, vocabulary, LM text)
+    into `<data_dir>/lm/`, kept as published (gzipped where they are); returns their paths."""
+    names = list(dict.fromkeys(names))
+    check_request(lm=names, mirror=mirror)
+    table = read_checksums(checksums) if checksums is not None else None
+    wanted = {n: checksum_for(LM_RESOURCES[n], table, source=str(checksums)) for n in names}
+    return [download(resource_url(LM_RESOURCES[n], mirror), Path(data_dir) / "lm" / n, digest, progress)
+            for n, digest in wanted.items()]
+
+
 def fetch_splits(splits: Iterable[str], data_dir: str | os.PathLike, mirror: str = DEFAULT_MIRROR,
                  checksums: str | os.PathLike | None = None, progress: bool = False) -> Path:
     """Download, verify and extract each LibriSpeech subset not yet complete under
@@ -382,12 +405,7 @@ def fetch_splits(splits: Iterable[str], data_dir: str | os.PathLike, mirror: str
     is a file of `<hexdigest>  <archive name>` lines that replaces the published table.
     """
     splits = list(dict.fromkeys(splits))
-    unknown = [s for s in splits if s not in SUBSETS]
-    if unknown:
-        raise DownloadError(f"unknown LibriSpeech subset{'s' if len(unknown) > 1 else ''} "
-                            f"{', '.join(unknown)}; valid: {', '.join(SUBSETS)}")
-    if not re.match(r"https?://", mirror):
-        raise DownloadError(f"mirror {mirror!r} is not an http:// or https:// URL")
+    check_request(splits=splits, mirror=mirror)
     data_dir = Path(data_dir)
     corpus = data_dir / CORPUS_FOLDER
     table = read_checksums(checksums) if checksums is not None else None

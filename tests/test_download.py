@@ -364,3 +364,29 @@ def test_checksum_for():
     unknown = type(dev)("new.tar.gz", 12, None)
     with pytest.raises(DownloadError, match=r"no published checksum for new.tar.gz; pass --checksums"):
         checksum_for(unknown)
+
+
+def test_lm_resources_are_fetched_verified_and_kept_as_published(mirror, tmp_path):
+    arpa = b"\\data\\\nngram 1=3\n\n\\1-grams:\n-1.0\t<s>\n-1.0\t</s>\n-0.5\tHELLO\n\n\\end\\\n"
+    vocab = b"HELLO\nWORLD\n"
+    serve(mirror, arpa, "3-gram.pruned.1e-7.arpa.gz", number=11)
+    serve(mirror, vocab, "librispeech-vocab.txt", number=11)
+    sums = tmp_path / "sums.txt"
+    sums.write_text(f"{md5(arpa)}  3-gram.pruned.1e-7.arpa.gz\n{md5(vocab)}  librispeech-vocab.txt\n")
+    done = run_asr("prepare", "librispeech", "--download", "--data-dir", tmp_path / "corpora",
+                   "--lm", "3-gram.pruned.1e-7.arpa.gz", "librispeech-vocab.txt",
+                   "--mirror", mirror.url, "--checksums", sums)
+    assert done.returncode == 0, done.stderr
+    lm = tmp_path / "corpora" / "lm"
+    assert (lm / "3-gram.pruned.1e-7.arpa.gz").read_bytes() == arpa
+    assert (lm / "librispeech-vocab.txt").read_bytes() == vocab
+    assert done.stdout.count("lm: ") == 2
+
+    bad = run_asr("prepare", "librispeech", "--download", "--data-dir", tmp_path / "corpora",
+                  "--splits", SUBSET, "--lm", "5-gram.arpa.gz", "--mirror", mirror.url)
+    assert bad.returncode == 1
+    assert "unknown LibriSpeech LM resource 5-gram.arpa.gz; valid: 3-gram.arpa.gz" in bad.stderr
+    assert [p for p, _ in mirror.requests] == ["/11/3-gram.pruned.1e-7.arpa.gz", "/11/librispeech-vocab.txt"]
+
+    nothing = run_asr("prepare", "librispeech", "--download", "--data-dir", tmp_path / "corpora")
+    assert nothing.returncode == 1 and "--splits" in nothing.stderr
