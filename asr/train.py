@@ -59,11 +59,11 @@ class DataConfig:
     num_workers: int = 1
     speeds: tuple[float, ...] = (1.0,)  # speed perturbation: each utterance, each epoch, at one
                                         # of these speeds (Kaldi and ESPnet use 0.9, 1.0, 1.1)
+    stats_utterances: int = 500  # utterances sampled for the global mean/std
 
     def __post_init__(self):
         if not self.speeds or min(self.speeds) <= 0:
             raise ConfigError(f"data.speeds={list(self.speeds)}: need one or more positive speeds")
-    stats_utterances: int = 500  # utterances sampled for the global mean/std
 
 
 @dataclass
@@ -181,8 +181,6 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
         save_feature_stats(stats, stats_file)
     log_mel.set_stats(stats["mean"].to(device), stats["std"].to(device))
     if stats_only:
-        log.info("feature statistics of %d utterances -> %s", min(len(train_rows), config.data.stats_utterances),
-                 stats_file)
         return {}
     specaug = SpecAugment(config.specaugment).to(device)
     model = BiLSTMCTC(config.model, len(tokenizer)).to(device)
