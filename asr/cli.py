@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from asr.decode import DEFAULT_LM_WEIGHT, DEFAULT_WORD_BONUS
 from asr.errors import ASRError
 
 log = logging.getLogger("asr")
@@ -19,6 +20,13 @@ EPILOG_PREPARE = """examples:
   asr prepare synthetic --out data/synthetic
   asr prepare librispeech --corpus-dir ~/LibriSpeech --splits train-clean-100 dev-clean --out data/ls
   asr prepare librispeech --download --data-dir data/corpora --splits train-clean-5 dev-clean-2 --out data/mini
+"""
+
+EPILOG_TRANSCRIBE = """examples:
+  asr transcribe --model exp/demo/best.pt a.wav b.flac
+  asr transcribe --model exp/demo/best.pt --lm exp/demo/lm/3gram.arpa a.wav        # beam search + LM
+  asr transcribe --model exp/demo/best.pt --timestamps a.wav                       # JSON with word times
+  asr transcribe --model exp/demo/best.pt --format srt --output-dir subs/ *.flac   # subtitles
 """
 
 EPILOG_LIBRISPEECH = """examples:
@@ -127,10 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transcribe", help="print the text of audio files",
                        description="Transcribe audio files (any format soundfile reads, any sample rate "
                        "and channel count): one line per file, '<file>\\t<text>'. A file that cannot be "
-                       "read gets one error line on stderr; the others go on; exit status 1 if any failed.")
+                       "read gets one error line on stderr; the others go on; exit status 1 if any failed.",
+                       epilog=EPILOG_TRANSCRIBE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="model file (.pt) written by asr train")
     p.add_argument("audio", nargs="+", type=Path, help="audio files")
+    p.add_argument("--timestamps", action="store_true",
+                   help="also give each word's start and end (seconds), from the CTC alignment; "
+                   "implies --format json unless another format is named")
+    p.add_argument("--format", choices=("txt", "json", "srt", "vtt"),
+                   help="txt: '<file>\\t<text>' (default); json: text and timed words, one object a "
+                   "line; srt/vtt: subtitles")
+    p.add_argument("--output-dir", type=Path,
+                   help="write OUTPUT_DIR/<file stem>.<format> for each file instead of printing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
+    _add_decoding_options(p)
     p.set_defaults(run=_transcribe)
 
     p = sub.add_parser("evaluate", help="WER/CER of a model on manifests",
@@ -145,8 +163,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the table as markdown to FILE (e.g. EXP_DIR/RESULTS.md), with the "
                    "date, the code's git commit, the model's size and configuration, and the decoder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
+    _add_decoding_options(p)
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("lm", help="build a word n-gram language model",
+                       description="Word n-gram language models for beam search.")
+    lm = p.add_subparsers(dest="lm_command", required=True, metavar="ACTION")
+    b = lm.add_parser("build", help="estimate an ARPA model from text",
+                      description="Estimate an interpolated modified Kneser-Ney n-gram model (as KenLM's "
+                      "lmplz does) from text files, one sentence a line, normalised like transcripts "
+                      "(upper case, letters and apostrophes).",
+                      epilog="example: asr lm build data/synthetic/lm_text.txt -o exp/lm/3gram.arpa --order 3")
+    b.add_argument("text", nargs="+", type=Path, help="text files (plain or .gz), one sentence a line")
+    b.add_argument("-o", "--out", required=True, type=Path, help="ARPA file to write (.gz to compress)")
+    b.add_argument("--order", type=int, default=3, help="n-gram order (default %(default)s)")
+    b.set_defaults(run=_lm_build)
+
+    p = sub.add_parser("tune-lm", help="choose the LM weight and word bonus on a dev set",
+                       description="Grid-search the LM weight and word bonus of beam search on a dev "
+                       "manifest (the model runs once; every pair decodes the same log-probs), print the "
+                       "grid, and with --save store the best pair, the LM and the beam size as the "
+                       "model file's decoding settings, so transcribe and evaluate use them by default.",
+                       epilog="example: asr tune-lm --model exp/demo/best.pt --manifest data/synthetic/dev.jsonl "
+                       "--lm exp/demo/lm/3gram.arpa --save")
+    p.add_argument("--model", required=True, type=Path, help="model file (.pt)")
+    p.add_argument("--manifest", required=True, type=Path, help="dev manifest to tune on")
+    p.add_argument("--lm", required=True, type=Path, help="ARPA language model (plain or .gz)")
+    p.add_argument("--lexicon", help="'lm' (default): spell only the LM's words; 'free': any spelling; "
+                   "or a word-list file")
+    p.add_argument("--beam-size", type=int, default=50, help="beam size (default %(default)s)")
+    p.add_argument("--lm-weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5],
+                   metavar="A", help="LM weights to try (default %(default)s)")
+    p.add_argument("--word-bonuses", type=float, nargs="+", default=[-1.0, 0.0, 1.0, 2.0, 3.0, 4.0],
+                   metavar="B", help="word bonuses to try (default %(default)s)")
+    p.add_argument("--save", action="store_true", help="store the best settings in the model file")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
+    p.set_defaults(run=_tune_lm)
     return parser
+
+
+def _add_decoding_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding", "Defaults: the settings saved in the model file (asr tune-lm "
+                             "--save), else greedy. Naming --lm alone selects beam search.")
+    g.add_argument("--decoder", choices=("greedy", "beam"), help="greedy or CTC prefix beam search")
+    g.add_argument("--beam-size", type=int, help="hypotheses kept per frame (default 50)")
+    g.add_argument("--lm", type=Path, help="word n-gram LM, ARPA (plain or .gz), e.g. from asr lm build")
+    g.add_argument("--lm-weight", type=float,
+                   help=f"weight of the LM's natural-log probability (default {DEFAULT_LM_WEIGHT})")
+    g.add_argument("--word-bonus", type=float, help=f"score added per word (default {DEFAULT_WORD_BONUS})")
+    g.add_argument("--lexicon", help="'lm': spell only the LM's words (the default with an LM); "
+                   "'free': any spelling, a word the LM lacks costs a fixed penalty; or a word-list file")
+
+
+def _decoding_options(args) -> dict:
+    return dict(decoder=args.decoder, beam_size=args.beam_size, lm=args.lm, lm_weight=args.lm_weight,
+                word_bonus=args.word_bonus, lexicon=args.lexicon)
 
 
 def _prepare_librispeech(args) -> int:
@@ -227,18 +298,33 @@ def _train(args) -> int:
 
 
 def _transcribe(args) -> int:
+    from asr.timestamps import format_result
     from asr.transcribe import load_model
 
-    transcriber = load_model(args.model, device=args.device)
+    fmt = args.format or ("json" if args.timestamps else "txt")
+    if fmt in ("srt", "vtt") and len(args.audio) > 1 and args.output_dir is None:
+        raise ASRError(f"--format {fmt} with several files needs --output-dir (one subtitle file each)")
+    transcriber = load_model(args.model, device=args.device, **_decoding_options(args))
+    if args.output_dir:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in args.audio:
         try:
-            text = transcriber.transcribe(path)
+            if fmt == "txt" and not args.timestamps:
+                text, words = transcriber.transcribe(path), []
+            else:
+                text, words = transcriber.transcribe_with_timestamps(path)
         except ASRError as e:
             print(f"asr transcribe: error: {e}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{path}\t{text}", flush=True)
+        out = f"{path}\t{text}\n" if fmt == "txt" else format_result(fmt, path, text, words)
+        if args.output_dir:
+            target = args.output_dir / f"{path.stem}.{fmt}"
+            target.write_text(out, encoding="utf-8")
+            print(f"{path}\t-> {target}", flush=True)
+        else:
+            print(out, end="" if out.endswith("\n") else "\n", flush=True)
     return 1 if failed else 0
 
 
@@ -255,7 +341,7 @@ def _evaluate(args) -> int:
     from asr.metrics import write_report
     from asr.transcribe import load_model
 
-    transcriber = load_model(args.model, device=args.device)
+    transcriber = load_model(args.model, device=args.device, **_decoding_options(args))
     table, failed = [], 0
     for manifest, name in zip(args.manifest, _set_names(args.manifest)):
         try:
@@ -300,7 +386,7 @@ def _write_results(path: Path, model_path: Path, transcriber, table: list[str]) 
         f"- date: {datetime.date.today().isoformat()}",
         f"- commit: {_git_commit()}",
         f"- model: {model.num_parameters() / 1e6:.2f} M parameters; {config}",
-        f"- decoding: {type(transcriber.decoder).__name__}",
+        f"- decoding: {_describe(transcriber.decoder)}",
         "", *table, "",
     ]
     trained_with = load_model_file(model_path).get("train_config")
@@ -309,6 +395,60 @@ def _write_results(path: Path, model_path: Path, transcriber, table: list[str]) 
                   yaml.safe_dump(json.loads(json.dumps(trained_with)), sort_keys=False).rstrip(), "```", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _describe(decoder) -> str:
+    settings = getattr(decoder, "settings", None)
+    if settings is None:
+        return "greedy"
+    return ", ".join(f"{k}={v}" for k, v in settings().items() if v is not None)
+
+
+def _lm_build(args) -> int:
+    from asr.lm import build_lm, write_arpa
+
+    lm = build_lm(_read_lines(args.text), order=args.order)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_arpa(lm, args.out)
+    sizes = ", ".join(f"{len(grams)} {n + 1}-grams" for n, grams in enumerate(lm.ngrams))
+    print(f"{args.out}: order {lm.order}, {sizes}")
+    return 0
+
+
+def _read_lines(paths: list[Path]):
+    import gzip
+
+    for path in paths:
+        try:
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                yield from f
+        except OSError as e:
+            raise ASRError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _tune_lm(args) -> int:
+    from asr.checkpoint import load_model_file, save_model_file
+    from asr.data import read_manifest
+    from asr.transcribe import load_model, tune_lm
+
+    transcriber = load_model(args.model, device=args.device)
+    lexicon = args.lexicon if args.lexicon in (None, "lm", "free") else str(Path(args.lexicon).resolve())
+    results, best, failures = tune_lm(
+        transcriber, read_manifest(args.manifest), args.lm.resolve(), lexicon=lexicon, beam_size=args.beam_size,
+        lm_weights=args.lm_weights, word_bonuses=args.word_bonuses, progress=sys.stderr.isatty())
+    for f in failures:
+        print(f"asr tune-lm: error: {f.message}", file=sys.stderr)
+    print("| LM weight | word bonus | WER % | CER % |\n|---:|---:|---:|---:|")
+    for r in results:
+        mark = " **best**" if (r.lm_weight, r.word_bonus) == (best["lm_weight"], best["word_bonus"]) else ""
+        print(f"| {r.lm_weight:g} | {r.word_bonus:g} | {100 * r.rates.wer:.2f} | {100 * r.rates.cer:.2f} |{mark}")
+    if args.save:
+        payload = load_model_file(args.model)
+        payload["decoding"] = best
+        save_model_file(payload, args.model)
+        print(f"saved to {args.model}: " + ", ".join(f"{k}={v}" for k, v in best.items() if v is not None))
+    return 1 if failures else 0
 
 
 def _git_commit() -> str:

@@ -27,3 +27,7 @@ class ConfigError(ASRError):
 
 class ModelFileError(ASRError):
     """A model file is missing, truncated, foreign or of an unknown format version."""
+
+
+class LMError(ASRError):
+    """An ARPA or lexicon file is missing, unreadable or malformed, or an LM cannot be estimated."""

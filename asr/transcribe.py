@@ -16,8 +16,8 @@ from asr.audio import SAMPLE_RATE, load_audio, resample, to_mono
 from asr.checkpoint import load_model_file
 from asr.data import BucketBatchSampler, Utterance
 from asr.decode import Decoder, build_decoder
-from asr.errors import ASRError, AudioError, ModelFileError
-from asr.features import LogMel
+from asr.errors import ASRError, AudioError, ConfigError, ModelFileError
+from asr.features import HOP_LENGTH, LogMel
 from asr.metrics import ErrorRates, error_rates
 from asr.model import BiLSTMCTC, ModelConfig
 from asr.text import CharTokenizer
@@ -49,7 +49,8 @@ class Transcriber:
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str = "auto", decoder: str | None = None,
                   **decoder_options) -> Transcriber:
-        """Load a model file; `decoder` overrides the decoding settings saved in it."""
+        """Load a model file. It decodes as its saved settings say (greedy if none); `decoder`
+        and any option given (not None) override them, and an `lm` alone implies beam search."""
         payload = load_model_file(path)
         try:
             tokenizer = CharTokenizer(payload["tokens"][1:])
@@ -59,30 +60,54 @@ class Transcriber:
             log_mel.set_stats(payload["feature_stats"]["mean"], payload["feature_stats"]["std"])
         except (TypeError, KeyError, RuntimeError, ASRError) as e:
             raise ModelFileError(f"{path}: model file does not match this asr ({e})") from None
-        saved = dict(payload.get("decoding") or {"decoder": "greedy"})
-        name = decoder or saved.pop("decoder", "greedy")
-        options = {**(saved if decoder is None else {}), **decoder_options}
+        name, options = decoding_settings(payload.get("decoding"), decoder, decoder_options)
         return cls(model, log_mel, tokenizer, build_decoder(name, tokenizer, **options), pick_device(device))
 
+    @property
+    def frame_seconds(self) -> float:
+        """Seconds of audio per output frame (the feature hop times the subsampling)."""
+        return self.model.config.subsampling * HOP_LENGTH / SAMPLE_RATE
+
     @torch.inference_mode()
-    def transcribe_waves(self, waves: list[np.ndarray]) -> list[str]:
-        """Texts of 16 kHz mono float32 waveforms, decoded as one padded batch."""
+    def log_probs(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T', V) log-probs on the CPU, and each one's length, for 16 kHz mono waveforms."""
         tensors = [torch.from_numpy(np.asarray(w, dtype=np.float32)) for w in waves]
         lengths = torch.tensor([len(w) for w in tensors])
         batch = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True).to(self.device)
         feats, frames = self.log_mel(batch, lengths.to(self.device))
         log_probs, out_lengths = self.model(feats, frames.cpu())
-        return self.decoder(log_probs, out_lengths)
+        return log_probs.float().cpu(), out_lengths.cpu()
+
+    def transcribe_waves(self, waves: list[np.ndarray]) -> list[str]:
+        """Texts of 16 kHz mono float32 waveforms, decoded as one padded batch."""
+        return self.decoder(*self.log_probs(waves))
+
+    def transcribe_with_timestamps(self, audio: str | os.PathLike | np.ndarray,
+                                   sample_rate: int | None = None) -> tuple[str, list]:
+        """(text, words with start/end seconds) of one file or waveform array, the words placed
+        by aligning the decoded text to the model's frames."""
+        from asr.timestamps import word_timestamps
+
+        wave = self._wave(audio, sample_rate)
+        if len(wave) == 0:
+            return "", []
+        log_probs, lengths = self.log_probs([wave])
+        text = self.decoder(log_probs, lengths)[0]
+        words = word_timestamps(text, log_probs[0, : int(lengths[0])].numpy(), self.tokenizer,
+                                self.frame_seconds, duration=len(wave) / SAMPLE_RATE)
+        return text, words
+
+    def _wave(self, audio, sample_rate: int | None) -> np.ndarray:
+        if isinstance(audio, (str, os.PathLike)):
+            return load_audio(audio)
+        if sample_rate is None:
+            raise ValueError("transcribe(array) needs sample_rate= the rate it was recorded at")
+        return resample(to_mono(np.asarray(audio, dtype=np.float32)), sample_rate, SAMPLE_RATE)
 
     def transcribe(self, audio: str | os.PathLike | np.ndarray, sample_rate: int | None = None) -> str:
         """Text of an audio file, or of a waveform array (samples, or samples x channels)
         recorded at `sample_rate` (required for arrays)."""
-        if isinstance(audio, (str, os.PathLike)):
-            wave = load_audio(audio)
-        else:
-            if sample_rate is None:
-                raise ValueError("transcribe(array) needs sample_rate= the rate it was recorded at")
-            wave = resample(to_mono(np.asarray(audio, dtype=np.float32)), sample_rate, SAMPLE_RATE)
+        wave = self._wave(audio, sample_rate)
         if len(wave) == 0:
             return ""
         return self.transcribe_waves([wave])[0]
@@ -96,24 +121,84 @@ class Transcriber:
         hyps: dict[int, str] = {}
         failures: list[Failure] = []
         bar = tqdm(total=len(rows), desc="decode", unit="utt", disable=not progress, leave=False)
-        # Epoch 0 of the training sampler: shortest first, little padding.
-        for batch in BucketBatchSampler([r.duration for r in rows], max_batch_seconds):
-            waves, kept = [], []
-            for j in batch:
-                try:
-                    waves.append(load_audio(rows[j].audio))
-                    kept.append(j)
-                except AudioError as e:
-                    failures.append(Failure(rows[j].id, str(e)))
+        for kept, waves, failed in read_batches(rows, max_batch_seconds):
+            failures += failed
             if kept:
                 hyps.update(zip(kept, self.transcribe_waves(waves)))
-            bar.update(len(batch))
+            bar.update(len(kept) + len(failed))
         bar.close()
         done = [j for j in range(len(rows)) if j in hyps]
         rates = error_rates([rows[j].id for j in done], [rows[j].text for j in done], [hyps[j] for j in done])
         return rates, [hyps[j] for j in done], failures
 
 
-def load_model(path: str | os.PathLike, device: str = "auto") -> Transcriber:
-    """Load a model file for transcription: `asr.load_model("exp/demo/best.pt").transcribe("a.flac")`."""
-    return Transcriber.from_file(Path(path), device=device)
+def read_batches(rows: list[Utterance], max_batch_seconds: float = 200.0):
+    """(row indices, waveforms, failures) per batch of similar durations, shortest first (epoch 0
+    of the training sampler: little padding). A file that cannot be read is a Failure, not a stop."""
+    for batch in BucketBatchSampler([r.duration for r in rows], max_batch_seconds):
+        kept, waves, failed = [], [], []
+        for j in batch:
+            try:
+                waves.append(load_audio(rows[j].audio))
+                kept.append(j)
+            except AudioError as e:
+                failed.append(Failure(rows[j].id, str(e)))
+        yield kept, waves, failed
+
+
+@dataclass
+class TuningResult:
+    lm_weight: float
+    word_bonus: float
+    rates: ErrorRates
+
+
+def tune_lm(transcriber: Transcriber, rows: list[Utterance], lm, *, lexicon=None, beam_size: int = 50,
+            lm_weights=(0.0, 0.25, 0.5, 0.75, 1.0), word_bonuses=(-1.0, 0.0, 1.0, 2.0, 3.0),
+            progress: bool = False) -> tuple[list[TuningResult], dict, list[Failure]]:
+    """Grid-search the LM weight and word bonus on `rows`: the model runs once, every pair
+    decodes the same log-probs. Returns every pair's rates, the best pair's decoding settings
+    (lowest WER, then CER, then the smaller weight), and the files that could not be read."""
+    from tqdm import tqdm
+
+    from asr.decode import BeamSearchDecoder
+
+    decoder = BeamSearchDecoder(transcriber.tokenizer, beam_size=beam_size, lm=lm, lexicon=lexicon)
+    kept, log_probs, failures = [], [], []
+    for batch, waves, failed in read_batches(rows):
+        failures += failed
+        if waves:
+            lp, lengths = transcriber.log_probs(waves)
+            log_probs += [lp[b, :n].numpy() for b, n in enumerate(lengths.tolist())]
+            kept += batch
+    ids, refs = [rows[j].id for j in kept], [rows[j].text for j in kept]
+    results = []
+    grid = [(a, b) for a in lm_weights for b in word_bonuses]
+    for a, b in tqdm(grid, desc="tune", unit="pair", disable=not progress, leave=False):
+        decoder.lm_weight, decoder.word_bonus = float(a), float(b)
+        results.append(TuningResult(float(a), float(b), error_rates(ids, refs, decoder.decode_each(log_probs))))
+    best = min(results, key=lambda r: (round(r.rates.wer, 6), round(r.rates.cer, 6), r.lm_weight))
+    decoder.lm_weight, decoder.word_bonus = best.lm_weight, best.word_bonus
+    return results, decoder.settings(), failures
+
+
+def decoding_settings(saved: dict | None, decoder: str | None, options: dict) -> tuple[str, dict]:
+    """The decoder name and options to use: a model file's saved settings, overridden by those
+    given (None means not given). Saved options carry over only to the decoder they were saved for."""
+    saved = dict(saved or {})
+    saved_name = saved.pop("decoder", "greedy")
+    given = {k: v for k, v in options.items() if v is not None}
+    name = decoder or ("beam" if given.get("lm") else saved_name)
+    if name == "greedy":
+        if given:
+            raise ConfigError(f"{', '.join(sorted(given))}: only used by the beam decoder (--decoder beam)")
+        return name, {}
+    return name, {**(saved if name == saved_name else {}), **given}
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", decoder: str | None = None,
+               **decoder_options) -> Transcriber:
+    """Load a model file for transcription: `asr.load_model("exp/demo/best.pt").transcribe("a.flac")`.
+    It decodes as the model file's saved settings say; `decoder="beam"`, `lm=...`, `lm_weight=...`
+    and the other BeamSearchDecoder options override them."""
+    return Transcriber.from_file(Path(path), device=device, decoder=decoder, **decoder_options)

@@ -35,7 +35,9 @@ from conftest import E2E_EPOCHS, E2E_SETTINGS, read_jsonl, run_asr, sine, write_
     (["prepare", "librispeech"], ["--corpus-dir", "--splits", "--out"]),
     (["prepare", "synthetic"], ["--out", "--train-speakers", "--seed"]),
     (["train"], ["--config", "--train", "--dev", "--exp-dir", "--set", "--no-resume", "KEY=VALUE"]),
-    (["transcribe"], ["--model", "--device", "audio"]),
+    (["transcribe"], ["--model", "--device", "audio", "--decoder", "--lm", "--timestamps", "--format"]),
+    (["lm", "build"], ["--order", "--out"]),
+    (["tune-lm"], ["--lm-weights", "--word-bonuses", "--save"]),
     (["evaluate"], ["--model", "--manifest", "--report-dir", "--device"]),
 ])
 def test_help(argv, expected, capsys):
@@ -165,7 +167,7 @@ def test_evaluate_scores_and_writes_the_report(trained, tmp_path):
     assert score_table(written) == table  # the printed table, and with it what reproduces it
     assert re.search(r"^- commit: ([0-9a-f]{7,}( \+changes)?|unknown .*)$", written, re.M), written
     assert re.search(r"^- model: \d+\.\d\d M parameters; .*hidden_size=", written, re.M), written
-    assert "- decoding: GreedyDecoder" in written
+    assert "- decoding: greedy" in written
     assert "rnn_type: gru" in written and "epochs: " in written  # the training configuration
     assert list(table) == ["train"]
     cer = float(table["train"]["CER %"])
@@ -294,3 +296,87 @@ def test_evaluate_names_sets_so_reports_never_collide():
     assert _set_names([Path("ho/manifest.jsonl"), Path("lj/manifest.jsonl"), Path("a/dev.jsonl")]) == [
         "ho_manifest", "lj_manifest", "dev"]
     assert _set_names([Path("x/dev.jsonl"), Path("x/dev.jsonl")]) == ["x_dev_1", "x_dev_2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search, language models and timestamps through the command line.
+
+
+@pytest.fixture(scope="module")
+def lm_file(trained, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lm")
+    text = folder / "text.txt"
+    text.write_text("".join(t.lower() + ".\n" for t in trained.texts.values()))  # normalised on reading
+    done = run_asr("lm", "build", text, "-o", folder / "3gram.arpa", "--order", "3")
+    assert done.returncode == 0, done.stderr
+    assert "order 3" in done.stdout and "3-grams" in done.stdout
+    return folder / "3gram.arpa"
+
+
+@pytest.mark.slow
+def test_lm_build_writes_a_model_of_the_text(trained, lm_file):
+    from asr.lm import read_arpa
+
+    lm = read_arpa(lm_file)
+    assert lm.order == 3
+    assert set(lm.vocabulary()) == {w for t in trained.texts.values() for w in t.split()}
+    assert ("HELLO", "WORLD", "</s>") in lm.ngrams[2]
+
+
+@pytest.mark.slow
+def test_evaluate_with_beam_and_lm(trained, lm_file, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    done = run_asr("evaluate", "--model", trained.exp / "best.pt", "--manifest", trained.manifest,
+                   "--report-dir", tmp_path, "--lm", lm_file, "--beam-size", "8", "--results", results)
+    assert done.returncode == 0, done.stderr
+    assert score_table(done.stdout)["train"]["WER %"] == "0.00"
+    assert f"decoder=beam, beam_size=8, lm={lm_file}, lm_weight=0.8, word_bonus=2.0, lexicon=lm" in results.read_text()
+
+
+@pytest.mark.slow
+def test_tune_lm_saves_settings_that_transcribe_then_uses(trained, lm_file, copies, tmp_path):
+    model = Path(shutil.copy(trained.exp / "best.pt", tmp_path / "model.pt"))
+    done = run_asr("tune-lm", "--model", model, "--manifest", trained.manifest, "--lm", lm_file,
+                   "--beam-size", "8", "--lm-weights", "0", "0.5", "--word-bonuses", "0", "1", "--save")
+    assert done.returncode == 0, done.stderr
+    grid = [line for line in done.stdout.splitlines() if re.match(r"\| [\d.]+ \| -?[\d.]+ \|", line)]
+    assert len(grid) == 4 and sum("**best**" in line for line in grid) == 1
+    saved = load_model_file(model)["decoding"]
+    assert saved["decoder"] == "beam" and saved["beam_size"] == 8 and saved["lm"] == str(lm_file.resolve())
+    assert (saved["lm_weight"], saved["word_bonus"]) in {(0.0, 0.0), (0.0, 1.0), (0.5, 0.0), (0.5, 1.0)}
+    assert type(asr.load_model(model).decoder).__name__ == "BeamSearchDecoder"  # the saved settings apply
+    assert type(asr.load_model(model, decoder="greedy").decoder).__name__ == "GreedyDecoder"
+    done = run_asr("transcribe", "--model", model, *copies)
+    assert done.returncode == 0, done.stderr
+    assert transcribed(done.stdout) == {str(path): text for path, text in copies.items()}
+
+
+@pytest.mark.slow
+def test_transcribe_timestamps_json_and_subtitles(trained, copies, tmp_path):
+    done = run_asr("transcribe", "--model", trained.exp / "best.pt", "--timestamps", *copies)
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["text"] for r in results] == list(copies.values())
+    for r, path in zip(results, copies):
+        words = r["words"]
+        assert [w["word"] for w in words] == r["text"].split()
+        ends = [0.0] + [w["end"] for w in words]
+        assert all(w["start"] >= previous for w, previous in zip(words, ends))  # in order, no overlap
+        assert all(w["start"] < w["end"] for w in words)
+        assert words[-1]["end"] <= sf.info(path).duration + 1e-6
+    out = tmp_path / "subs"
+    done = run_asr("transcribe", "--model", trained.exp / "best.pt", "--format", "srt", "--output-dir", out, *copies)
+    assert done.returncode == 0, done.stderr
+    srt = (out / f"{next(iter(copies)).stem}.srt").read_text()
+    assert srt.startswith("1\n00:00:0") and " --> " in srt and next(iter(copies.values())) in srt
+
+
+@pytest.mark.slow
+def test_decoding_errors_are_one_line(trained, tmp_path):
+    wav = next(trained.corpus.rglob("*.flac"))
+    done = run_asr("transcribe", "--model", trained.exp / "best.pt", "--lm", tmp_path / "missing.arpa", wav)
+    assert done.returncode == 1 and error_lines(done.stderr, "transcribe")[0].count("missing.arpa") == 1
+    done = run_asr("transcribe", "--model", trained.exp / "best.pt", "--decoder", "greedy", "--beam-size", "5", wav)
+    assert done.returncode == 1 and "beam_size: only used by the beam decoder" in done.stderr
+    done = run_asr("transcribe", "--model", trained.exp / "best.pt", "--format", "vtt", wav, wav)
+    assert done.returncode == 1 and "--output-dir" in done.stderr
