@@ -6,13 +6,14 @@
 # Stages (each restartable; finished work is skipped):
 #   1  speak the corpus with espeak-ng/flite and write train/dev/test manifests
 #   2  train (resumes from exp/demo/last.pt)
-#   3  WER/CER table for dev and test
-#   4  transcribe one test file
+#   3  a 3-gram LM from the corpus's text-only share (no dev/test sentence in it)
+#   4  WER/CER tables for dev and test: greedy, then beam search with the LM
+#   5  transcribe one test file, with word timestamps as subtitles
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 stage=1
-stop_stage=4
+stop_stage=5
 data=data/synthetic
 exp=exp/demo
 conf=recipes/demo/conf.yaml
@@ -45,15 +46,24 @@ if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
 fi
 
 if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
-  echo "== stage 3: score"
-  "$asr" evaluate --model "$exp/best.pt" --manifest "$data/dev.jsonl" "$data/test.jsonl" \
-    --results "$exp/RESULTS.md"
+  echo "== stage 3: language model -> $exp/lm/3gram.arpa"
+  [ -f "$exp/lm/3gram.arpa" ] || "$asr" lm build "$data/lm/text.txt" -o "$exp/lm/3gram.arpa" --order 3
 fi
 
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
-  echo "== stage 4: transcribe one test file"
+  echo "== stage 4: score (greedy)"
+  "$asr" evaluate --model "$exp/best.pt" --manifest "$data/dev.jsonl" "$data/test.jsonl" \
+    --results "$exp/RESULTS.md"
+  echo "== stage 4: score (beam search + 3-gram LM)"
+  "$asr" evaluate --model "$exp/best.pt" --manifest "$data/dev.jsonl" "$data/test.jsonl" \
+    --lm "$exp/lm/3gram.arpa" --report-dir "$exp/beam_lm" --results "$exp/RESULTS.beam_lm.md"
+fi
+
+if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
+  echo "== stage 5: transcribe one test file"
   wav=$(head -n 1 "$data/test.jsonl" | sed -E 's/.*"audio": "([^"]*)".*/\1/')
   [ "${wav#/}" != "$wav" ] || wav="$data/$wav"
   echo "reference:  $(head -n 1 "$data/test.jsonl" | sed -E 's/.*"text": "([^"]*)".*/\1/')"
   "$asr" transcribe --model "$exp/best.pt" "$wav"
+  "$asr" transcribe --model "$exp/best.pt" --lm "$exp/lm/3gram.arpa" --format srt "$wav"
 fi

@@ -9,7 +9,9 @@
 #   2  manifests: DATA_DIR/manifests/<subset>.jsonl, with a report of what was left out
 #   3  feature statistics (log-mel mean/std) of the training set: EXP_DIR/feature_stats.pt
 #   4  train BiLSTM-CTC (resumes from EXP_DIR/last.pt)
-#   5  decode the dev and test sets (greedy) and score them: EXP_DIR/RESULTS.md
+#   5  decode the dev and test sets (greedy) and score them: EXP_DIR/RESULTS.md; with --lm, also
+#      tune the LM weight and word bonus on the dev set (saved in best.pt) and score beam search
+#      with the LM: EXP_DIR/RESULTS.beam_lm.md
 #
 # Options:
 #   --data-dir DIR       archives, the extracted LibriSpeech/ tree, manifests (default data/librispeech)
@@ -21,6 +23,8 @@
 #   --dev-set NAME       default dev-clean
 #   --test-sets "A B"    default "test-clean test-other"
 #   --conf FILE          default recipes/librispeech/conf/clean100.yaml (also mini.yaml, 960.yaml)
+#   --lm LM              an ARPA file for beam search, or the name of an OpenSLR SLR11 file that
+#                        stage 1 fetches into DATA_DIR/lm/, e.g. 3-gram.pruned.1e-7.arpa.gz
 #   --set key=value      config override, repeatable, e.g. --set "data.speeds=[0.9,1.0,1.1]"
 #
 # Mini LibriSpeech on a small machine:
@@ -40,6 +44,7 @@ train_set=train-clean-100
 dev_set=dev-clean
 test_sets="test-clean test-other"
 conf=recipes/librispeech/conf/clean100.yaml
+lm=
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -54,8 +59,9 @@ while [ $# -gt 0 ]; do
     --dev-set) dev_set=$2; shift 2 ;;
     --test-sets) test_sets=$2; shift 2 ;;
     --conf) conf=$2; shift 2 ;;
+    --lm) lm=$2; shift 2 ;;
     --set) overrides+=(--set "$2"); shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -66,6 +72,11 @@ asr=".venv/bin/asr"
 # Every subset once, in order: train, dev, then the test sets.
 subsets=$(printf '%s\n' "$train_set" "$dev_set" $test_sets | awk '!seen[$0]++' | tr '\n' ' ')
 manifests=$data/manifests
+lm_resource=
+if [ -n "$lm" ] && [ ! -f "$lm" ]; then  # not a file: an OpenSLR LM file for stage 1 to fetch
+  lm_resource=$lm
+  lm=$data/lm/$lm
+fi
 
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   if [ -n "$corpus" ]; then
@@ -77,6 +88,10 @@ if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
     [ -z "$checksums" ] || fetch+=(--checksums "$checksums")
     # shellcheck disable=SC2086
     "$asr" prepare librispeech "${fetch[@]}" --splits $subsets
+  fi
+  if [ -n "$lm_resource" ]; then
+    "$asr" prepare librispeech --download --data-dir "$data" --lm "$lm_resource" \
+      ${mirror:+--mirror "$mirror"} ${checksums:+--checksums "$checksums"}
   fi
 fi
 
@@ -117,5 +132,11 @@ if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   for s in $(printf '%s\n' "$dev_set" $test_sets | awk '!seen[$0]++'); do
     sets+=("$manifests/$s.jsonl")
   done
-  "$asr" evaluate --model "$exp/best.pt" --manifest "${sets[@]}" --results "$exp/RESULTS.md"
+  "$asr" evaluate --model "$exp/best.pt" --manifest "${sets[@]}" --decoder greedy --results "$exp/RESULTS.md"
+  if [ -n "$lm" ]; then
+    echo "== stage 5: tune the LM weight and word bonus on $dev_set, then beam search + LM"
+    "$asr" tune-lm --model "$exp/best.pt" --manifest "$manifests/$dev_set.jsonl" --lm "$lm" --save
+    "$asr" evaluate --model "$exp/best.pt" --manifest "${sets[@]}" --report-dir "$exp/beam_lm" \
+      --results "$exp/RESULTS.beam_lm.md"
+  fi
 fi
