@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from asr.decode import DEFAULT_LM_WEIGHT, DEFAULT_WORD_BONUS
+from asr.decode import DEFAULT_LM_WEIGHT, DEFAULT_UNK_LOGP, DEFAULT_WORD_BONUS
 from asr.errors import ASRError
 
 log = logging.getLogger("asr")
@@ -189,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, help="model file (.pt)")
     p.add_argument("--manifest", required=True, type=Path, help="dev manifest to tune on")
     p.add_argument("--lm", required=True, type=Path, help="ARPA language model (plain or .gz)")
-    p.add_argument("--lexicon", help="'lm' (default): spell only the LM's words; 'free': any spelling; "
-                   "or a word-list file")
+    p.add_argument("--lexicon", default="free", help="'free' (default): any spelling; 'lm': only the "
+                   "LM's words; or a word-list file")
+    p.add_argument("--unk-logp", type=float, default=DEFAULT_UNK_LOGP,
+                   help="LM log-probability of a word the LM lacks (default %(default)s)")
     p.add_argument("--beam-size", type=int, default=50, help="beam size (default %(default)s)")
     p.add_argument("--lm-weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5],
                    metavar="A", help="LM weights to try (default %(default)s)")
@@ -211,13 +213,15 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lm-weight", type=float,
                    help=f"weight of the LM's natural-log probability (default {DEFAULT_LM_WEIGHT})")
     g.add_argument("--word-bonus", type=float, help=f"score added per word (default {DEFAULT_WORD_BONUS})")
-    g.add_argument("--lexicon", help="'lm': spell only the LM's words (the default with an LM); "
-                   "'free': any spelling, a word the LM lacks costs a fixed penalty; or a word-list file")
+    g.add_argument("--lexicon", help="'free' (default): any spelling, a word the LM lacks costs "
+                   "--unk-logp; 'lm': only the LM's words; or a word-list file")
+    g.add_argument("--unk-logp", type=float,
+                   help=f"LM log-probability (natural log) of a word the LM lacks (default {DEFAULT_UNK_LOGP})")
 
 
 def _decoding_options(args) -> dict:
     return dict(decoder=args.decoder, beam_size=args.beam_size, lm=args.lm, lm_weight=args.lm_weight,
-                word_bonus=args.word_bonus, lexicon=args.lexicon)
+                word_bonus=args.word_bonus, lexicon=args.lexicon, unk_logp=args.unk_logp)
 
 
 def _prepare_librispeech(args) -> int:
@@ -433,9 +437,10 @@ def _tune_lm(args) -> int:
     from asr.transcribe import load_model, tune_lm
 
     transcriber = load_model(args.model, device=args.device)
-    lexicon = args.lexicon if args.lexicon in (None, "lm", "free") else str(Path(args.lexicon).resolve())
+    lexicon = args.lexicon if args.lexicon in ("lm", "free") else str(Path(args.lexicon).resolve())
     results, best, failures = tune_lm(
-        transcriber, read_manifest(args.manifest), args.lm.resolve(), lexicon=lexicon, beam_size=args.beam_size,
+        transcriber, read_manifest(args.manifest), args.lm.resolve(), lexicon=lexicon, unk_logp=args.unk_logp,
+        beam_size=args.beam_size,
         lm_weights=args.lm_weights, word_bonuses=args.word_bonuses, progress=sys.stderr.isatty())
     for f in failures:
         print(f"asr tune-lm: error: {f.message}", file=sys.stderr)

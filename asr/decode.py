@@ -35,7 +35,8 @@ LN10 = math.log(10.0)
 # Defaults for an LM the model was not tuned with (asr tune-lm finds better ones for a given pair).
 DEFAULT_BEAM_SIZE = 50
 DEFAULT_LM_WEIGHT = 0.8
-DEFAULT_WORD_BONUS = 2.0
+DEFAULT_WORD_BONUS = 1.0
+DEFAULT_UNK_LOGP = -30.0  # ln-probability of a word the LM lacks: rare enough to need clear acoustics
 
 
 class Decoder(Protocol):
@@ -385,8 +386,8 @@ class BeamSearchDecoder:
 
     lm: an ARPA file (plain or .gz) or an `asr.lm.NGramLM`. lm_weight (alpha) scales its natural-log
     probabilities; word_bonus (beta) is added per word (default: DEFAULT_WORD_BONUS with an LM, 0
-    without). lexicon: "lm" (spell only the LM's words; the default with an LM), "free" (any
-    spelling; the default without one; a word the LM lacks costs unk_logp) or a word-list file.
+    without). lexicon: "free" (any spelling, the default; a word the LM lacks costs lm_weight *
+    unk_logp), "lm" (only the LM's words) or a word-list file.
     Per frame only tokens with ln p >= token_min_logp (and the best) are tried, and prefixes more
     than -beam_prune_logp below the best are dropped. The utterances of a batch are searched on
     `num_workers` threads (default: all cores).
@@ -394,7 +395,7 @@ class BeamSearchDecoder:
 
     def __init__(self, tokenizer: CharTokenizer, beam_size: int = DEFAULT_BEAM_SIZE, lm=None,
                  lm_weight: float = DEFAULT_LM_WEIGHT, word_bonus: float | None = None,
-                 lexicon: str | os.PathLike | None = None, unk_logp: float = -10.0,
+                 lexicon: str | os.PathLike = "free", unk_logp: float = DEFAULT_UNK_LOGP,
                  token_min_logp: float = -8.0, beam_prune_logp: float = -12.0, num_workers: int | None = None):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -411,7 +412,7 @@ class BeamSearchDecoder:
 
             self.lm_path, lm = str(lm), read_arpa(lm)
         self.lm = _LMTables(lm) if lm is not None else None
-        self.lexicon = str(lexicon) if lexicon is not None else "lm" if lm is not None else "free"
+        self.lexicon = str(lexicon)
         self.trie = None
         if self.lexicon != "free" or self.lm is not None:
             if self.lexicon in ("lm", "free"):
@@ -432,7 +433,7 @@ class BeamSearchDecoder:
     def settings(self) -> dict:
         """What a model file keeps to decode the same way again."""
         return {"decoder": "beam", "beam_size": self.beam_size, "lm": self.lm_path, "lm_weight": self.lm_weight,
-                "word_bonus": self.word_bonus, "lexicon": self.lexicon}
+                "word_bonus": self.word_bonus, "lexicon": self.lexicon, "unk_logp": self.unk_logp}
 
     def search(self, log_probs: np.ndarray) -> tuple[list[int], float]:
         """Token ids of the best hypothesis for one utterance's (T, V) log-probs, and its score."""

@@ -153,7 +153,8 @@ class TuningResult:
     rates: ErrorRates
 
 
-def tune_lm(transcriber: Transcriber, rows: list[Utterance], lm, *, lexicon=None, beam_size: int = 50,
+def tune_lm(transcriber: Transcriber, rows: list[Utterance], lm, *, lexicon="free", unk_logp: float = -30.0,
+            beam_size: int = 50,
             lm_weights=(0.0, 0.25, 0.5, 0.75, 1.0), word_bonuses=(-1.0, 0.0, 1.0, 2.0, 3.0),
             progress: bool = False) -> tuple[list[TuningResult], dict, list[Failure]]:
     """Grid-search the LM weight and word bonus on `rows`: the model runs once, every pair
@@ -163,7 +164,8 @@ def tune_lm(transcriber: Transcriber, rows: list[Utterance], lm, *, lexicon=None
 
     from asr.decode import BeamSearchDecoder
 
-    decoder = BeamSearchDecoder(transcriber.tokenizer, beam_size=beam_size, lm=lm, lexicon=lexicon)
+    decoder = BeamSearchDecoder(transcriber.tokenizer, beam_size=beam_size, lm=lm, lexicon=lexicon,
+                                unk_logp=unk_logp)
     kept, log_probs, failures = [], [], []
     for batch, waves, failed in read_batches(rows):
         failures += failed

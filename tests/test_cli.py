@@ -330,7 +330,8 @@ def test_evaluate_with_beam_and_lm(trained, lm_file, tmp_path):
                    "--report-dir", tmp_path, "--lm", lm_file, "--beam-size", "8", "--results", results)
     assert done.returncode == 0, done.stderr
     assert score_table(done.stdout)["train"]["WER %"] == "0.00"
-    assert f"decoder=beam, beam_size=8, lm={lm_file}, lm_weight=0.8, word_bonus=2.0, lexicon=lm" in results.read_text()
+    assert (f"decoder=beam, beam_size=8, lm={lm_file}, lm_weight=0.8, word_bonus=1.0, lexicon=free, "
+            "unk_logp=-30.0") in results.read_text()
 
 
 @pytest.mark.slow

@@ -229,10 +229,18 @@ def test_word_bonus_trades_insertions_for_deletions():
 def test_beam_settings_and_errors(arpa):
     decoder = build_decoder("beam", TOK, beam_size=7, lm=arpa, lm_weight=0.3, word_bonus=1.0)
     assert decoder.settings() == {"decoder": "beam", "beam_size": 7, "lm": str(arpa), "lm_weight": 0.3,
-                                  "word_bonus": 1.0, "lexicon": "lm"}  # with an LM, its words by default
-    assert BeamSearchDecoder(TOK).settings()["lexicon"] == "free"
+                                  "word_bonus": 1.0, "lexicon": "free", "unk_logp": -30.0}
     assert BeamSearchDecoder(TOK).word_bonus == 0.0  # no LM: no bonus to balance it
     with pytest.raises(ValueError, match="beam_size"):
         BeamSearchDecoder(TOK, beam_size=0)
     with pytest.raises(ValueError, match="needs an LM"):
         BeamSearchDecoder(TOK, lexicon="lm")
+
+
+def test_free_spelling_keeps_a_clearly_spoken_word_the_lm_lacks(arpa):
+    lp = spoken("THE DOG")  # every letter at 0.9: DOG is certain, but not in the LM
+    assert beam(lp, beam_size=16, lm=arpa) == "THE DOG"  # lexicon "free", the default
+    assert beam(lp, beam_size=16, lm=arpa, lexicon="lm") != "THE DOG"
+    # A mumbled OOV word loses to an LM word: G and T share the last letter's mass.
+    lp = spoken("THE CAG", {6: {"G": 0.5, "T": 0.4}})
+    assert beam(lp, beam_size=16, lm=arpa) == "THE CAT"

@@ -12,7 +12,7 @@ compiles or loads our search then) are timed apart and reported below the table.
 
 What cannot be made equal, because it is how each search works (read in pyctcdecode 0.5's
 decoder.py and language_model.py):
-  * A word still being spelled: we add lm_weight * (best unigram ln P it can still become,
+  * A word still being spelled: we add lm_weight * (the best unigram ln P it can still become,
     or unk_logp if no LM word starts so); pyctcdecode adds 0 if some LM word starts so, else
     unk_score_offset (not scaled by alpha, and scaled up by len/6 past 6 letters).
   * A finished word the LM lacks: we score lm_weight * (back-offs + unk_logp), all natural log;
@@ -154,16 +154,16 @@ def main() -> None:
     setup: dict[str, float] = {}
     start = time.perf_counter()
     ours = {n: BeamSearchDecoder(t.tokenizer, beam_size=args.beam_size, lm=args.lm, lm_weight=args.lm_weight,
-                                 word_bonus=args.word_bonus, lexicon=None,  # its default: the LM's words unk_logp=args.unk_logp,
+                                 word_bonus=args.word_bonus, lexicon="free", unk_logp=args.unk_logp,
                                  token_min_logp=args.token_min_logp, beam_prune_logp=args.beam_prune_logp,
                                  num_workers=n)
             for n in (1, args.workers)}
     setup["ours: build the decoder (read the LM, make its tables)"] = (time.perf_counter() - start) / len(ours)
-    # Ours spells only the LM's words by default; pyctcdecode spells anything. Both ways are timed.
-    free = BeamSearchDecoder(t.tokenizer, beam_size=args.beam_size, lm=args.lm, lm_weight=args.lm_weight,
-                             word_bonus=args.word_bonus, lexicon="free", unk_logp=args.unk_logp,
-                             token_min_logp=args.token_min_logp, beam_prune_logp=args.beam_prune_logp,
-                             num_workers=1) if args.lm else None
+    # Ours and pyctcdecode spell any word by default; ours can also keep to the LM's words.
+    in_lexicon = BeamSearchDecoder(t.tokenizer, beam_size=args.beam_size, lm=args.lm, lm_weight=args.lm_weight,
+                                   word_bonus=args.word_bonus, lexicon="lm", unk_logp=args.unk_logp,
+                                   token_min_logp=args.token_min_logp, beam_prune_logp=args.beam_prune_logp,
+                                   num_workers=1) if args.lm else None
 
     from pyctcdecode import build_ctcdecoder
 
@@ -222,9 +222,9 @@ def main() -> None:
     if pool is not None:
         plan.append((f"pyctcdecode {lm_tag}", f"pool of {args.workers}", False,
                      lambda: theirs.decode_batch(pool, log_probs, **search)))
-    if free is not None:
-        free.decode_each([log_probs[first]])
-        plan.append(("asr beam + LM, free spelling", "1 thread", True, lambda: free.decode_each(log_probs)))
+    if in_lexicon is not None:
+        in_lexicon.decode_each([log_probs[first]])
+        plan.append(("asr beam + LM, LM words only", "1 thread", True, lambda: in_lexicon.decode_each(log_probs)))
     results = []
     for name, parallel, single, fn in plan:
         texts, seconds = timed(fn, args.repeats)
