@@ -11,8 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
-from asr.decode import DEFAULT_LM_WEIGHT, DEFAULT_UNK_LOGP, DEFAULT_WORD_BONUS
+from asr.decode import DEFAULT_BEAM_SIZE, DEFAULT_LM_WEIGHT, DEFAULT_UNK_LOGP, DEFAULT_WORD_BONUS
 from asr.errors import ASRError
+from asr.transcribe import TUNE_LM_WEIGHTS, TUNE_WORD_BONUSES
 
 log = logging.getLogger("asr")
 
@@ -193,10 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "LM's words; or a word-list file")
     p.add_argument("--unk-logp", type=float, default=DEFAULT_UNK_LOGP,
                    help="LM log-probability of a word the LM lacks (default %(default)s)")
-    p.add_argument("--beam-size", type=int, default=50, help="beam size (default %(default)s)")
-    p.add_argument("--lm-weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5],
+    p.add_argument("--beam-size", type=int, default=DEFAULT_BEAM_SIZE, help="beam size (default %(default)s)")
+    p.add_argument("--lm-weights", type=float, nargs="+", default=list(TUNE_LM_WEIGHTS),
                    metavar="A", help="LM weights to try (default %(default)s)")
-    p.add_argument("--word-bonuses", type=float, nargs="+", default=[-1.0, 0.0, 1.0, 2.0, 3.0, 4.0],
+    p.add_argument("--word-bonuses", type=float, nargs="+", default=list(TUNE_WORD_BONUSES),
                    metavar="B", help="word bonuses to try (default %(default)s)")
     p.add_argument("--save", action="store_true", help="store the best settings in the model file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
@@ -208,7 +209,7 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding", "Defaults: the settings saved in the model file (asr tune-lm "
                              "--save), else greedy. Naming --lm alone selects beam search.")
     g.add_argument("--decoder", choices=("greedy", "beam"), help="greedy or CTC prefix beam search")
-    g.add_argument("--beam-size", type=int, help="hypotheses kept per frame (default 50)")
+    g.add_argument("--beam-size", type=int, help=f"hypotheses kept per frame (default {DEFAULT_BEAM_SIZE})")
     g.add_argument("--lm", type=Path, help="word n-gram LM, ARPA (plain or .gz), e.g. from asr lm build")
     g.add_argument("--lm-weight", type=float,
                    help=f"weight of the LM's natural-log probability (default {DEFAULT_LM_WEIGHT})")
@@ -409,26 +410,14 @@ def _describe(decoder) -> str:
 
 
 def _lm_build(args) -> int:
-    from asr.lm import build_lm, write_arpa
+    from asr.lm import build_lm, read_sentences, write_arpa
 
-    lm = build_lm(_read_lines(args.text), order=args.order)
+    lm = build_lm(read_sentences(args.text), order=args.order)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_arpa(lm, args.out)
     sizes = ", ".join(f"{len(grams)} {n + 1}-grams" for n, grams in enumerate(lm.ngrams))
     print(f"{args.out}: order {lm.order}, {sizes}")
     return 0
-
-
-def _read_lines(paths: list[Path]):
-    import gzip
-
-    for path in paths:
-        try:
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", encoding="utf-8") as f:
-                yield from f
-        except OSError as e:
-            raise ASRError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _tune_lm(args) -> int:

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 import torch
 
-from asr.errors import LMError
+from asr.errors import LMError, TextError
 from asr.text import CharTokenizer
 
 LN10 = math.log(10.0)
@@ -103,29 +103,31 @@ class _LMTables:
         self.backoff, self.suffix = backoff, suffix
         self.bos_state = states.get(("<s>",), 0)
         self.eos = self.word_id.get("</s>", -1)
-        self.unk = self.word_id.get("<unk>", -1)
 
     def unigram_logp(self, word: str) -> float:
         i = np.searchsorted(self.keys, self.word_id[word])
         return float(self.logp[i])
 
 
+NOT_A_WORD = -2  # a trie node where no word ends
+
+
 class _Trie:
     """The words a hypothesis may spell, as a trie over token ids; node 0 is the empty word.
 
-    Each node keeps the LM id of the word ending there (-1 if none) and the best unigram ln
-    probability below it, the look-ahead score of a word still being spelled.
+    Each node keeps what ends there (NOT_A_WORD; a word's LM id; -1 for a word the LM lacks) and
+    the best unigram ln probability below it, the look-ahead score of a word still being spelled.
     """
 
     def __init__(self, words: list[str], tokenizer: CharTokenizer, lm_ids: dict[str, int] | None,
                  unigram: dict[str, float] | None):
         children: list[dict[int, int]] = [{}]
-        word_at = [-1]
+        word_at = [NOT_A_WORD]
         best = [-np.inf]
         for word in words:
             try:
                 ids = tokenizer.encode(word)
-            except Exception:  # a word the model cannot spell can never be decoded
+            except TextError:  # a word the model cannot spell can never be decoded
                 continue
             if not ids or tokenizer.encode(" ")[0] in ids:
                 continue
@@ -136,11 +138,11 @@ class _Trie:
                 if t not in children[node]:
                     children[node][t] = len(children)
                     children.append({})
-                    word_at.append(-1)
+                    word_at.append(NOT_A_WORD)
                     best.append(-np.inf)
                 node = children[node][t]
                 best[node] = max(best[node], score)
-            word_at[node] = lm_ids[word] if lm_ids is not None else 0
+            word_at[node] = lm_ids[word] if lm_ids is not None else -1
         vocab = len(tokenizer)
         pairs = sorted((n * vocab + t, c) for n, kids in enumerate(children) for t, c in kids.items())
         self.keys = np.array([k for k, _ in pairs], dtype=np.int64)
@@ -209,9 +211,9 @@ def _extend(n, c, nodes, scores, n_nodes, kids, space, V, use_trie, lexicon_only
         return kids[key], nodes, scores, n_nodes
     here = nodes[n, TRIE]
     lm_done, lm_part, st = scores[n, LM_DONE], 0.0, nodes[n, STATE]
-    if c == space:  # a word ends: the LM scores it
-        word = t_word[here] if here > 0 else -1
-        if lexicon_only and word < 0:
+    if c == space:  # a word ends: the LM scores it (an id < 0 as a word it lacks)
+        word = t_word[here] if here > 0 else NOT_A_WORD
+        if lexicon_only and word == NOT_A_WORD:
             return -1, nodes, scores, n_nodes
         if has_lm:
             w_lp, st = _lm_score(word, st, n_words, l_keys, l_logp, l_next, l_backoff, l_suffix, unk_logp)
@@ -351,8 +353,8 @@ def _prefix_search(lp, blank, space, beam_size, token_min_logp, beam_prune_logp,
         s = acoustic[j] + scores[n, LM_DONE]
         st = nodes[n, STATE]
         if nodes[n, TRIE] != 0:
-            word = t_word[nodes[n, TRIE]] if nodes[n, TRIE] > 0 else -1
-            if lexicon_only and word < 0:
+            word = t_word[nodes[n, TRIE]] if nodes[n, TRIE] > 0 else NOT_A_WORD
+            if lexicon_only and word == NOT_A_WORD:
                 continue
             if has_lm:
                 w_lp, st = _lm_score(word, st, n_words, l_keys, l_logp, l_next, l_backoff, l_suffix, unk_logp)
@@ -444,7 +446,7 @@ class BeamSearchDecoder:
             self.beam_size, self.token_min_logp, self.beam_prune_logp,
             trie is not None, self.lexicon != "free",
             trie.keys if trie else no_i, trie.child if trie else no_i,
-            trie.word if trie else np.full(1, -1, np.int64), trie.smear if trie else no_f,
+            trie.word if trie else np.full(1, NOT_A_WORD, np.int64), trie.smear if trie else no_f,
             lm is not None, lm.n_words if lm else 1, lm.keys if lm else no_i, lm.logp if lm else no_f,
             lm.next if lm else no_i, lm.backoff if lm else no_f, lm.suffix if lm else no_i,
             lm.bos_state if lm else 0, lm.eos if lm else -1, self.unk_logp, self.lm_weight, self.word_bonus)

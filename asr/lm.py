@@ -265,6 +265,17 @@ def read_arpa(path: str | Path) -> NGramLM:
         raise LMError(f"{path}: not UTF-8 text after line {at[0]} ({e.reason})") from e
 
 
+def read_sentences(paths: Iterable[str | Path]) -> Iterator[str]:
+    """The lines of text files (plain or .gz), one after the other, for `build_lm`; LMError
+    names a file that cannot be read."""
+    for path in map(Path, paths):
+        try:
+            with _open(path, "rt") as f:
+                yield from f
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+            raise LMError(f"{path}: cannot read the text ({getattr(e, 'strerror', None) or e})") from None
+
+
 def _open(path: Path, mode: str):
     if path.name.endswith(".gz"):
         # Level 6 (zlib's default) writes several times faster than gzip's 9, a few % larger.

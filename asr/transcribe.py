@@ -15,7 +15,7 @@ import torch
 from asr.audio import SAMPLE_RATE, load_audio, resample, to_mono
 from asr.checkpoint import load_model_file
 from asr.data import BucketBatchSampler, Utterance
-from asr.decode import Decoder, build_decoder
+from asr.decode import DEFAULT_BEAM_SIZE, DEFAULT_UNK_LOGP, Decoder, build_decoder
 from asr.errors import ASRError, AudioError, ConfigError, ModelFileError
 from asr.features import HOP_LENGTH, LogMel
 from asr.metrics import ErrorRates, error_rates
@@ -153,10 +153,15 @@ class TuningResult:
     rates: ErrorRates
 
 
-def tune_lm(transcriber: Transcriber, rows: list[Utterance], lm, *, lexicon="free", unk_logp: float = -30.0,
-            beam_size: int = 50,
-            lm_weights=(0.0, 0.25, 0.5, 0.75, 1.0), word_bonuses=(-1.0, 0.0, 1.0, 2.0, 3.0),
-            progress: bool = False) -> tuple[list[TuningResult], dict, list[Failure]]:
+# The grid asr tune-lm searches by default: around the untuned defaults, wide enough for LMs
+# far stronger or weaker than the one they were measured with.
+TUNE_LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+TUNE_WORD_BONUSES = (-1.0, 0.0, 1.0, 2.0, 3.0, 4.0)
+
+
+def tune_lm(transcriber: Transcriber, rows: list[Utterance], lm, *, lexicon="free",
+            unk_logp: float = DEFAULT_UNK_LOGP, beam_size: int = DEFAULT_BEAM_SIZE,
+            lm_weights=TUNE_LM_WEIGHTS, word_bonuses=TUNE_WORD_BONUSES, progress: bool = False) -> tuple[list[TuningResult], dict, list[Failure]]:
     """Grid-search the LM weight and word bonus on `rows`: the model runs once, every pair
     decodes the same log-probs. Returns every pair's rates, the best pair's decoding settings
     (lowest WER, then CER, then the smaller weight), and the files that could not be read."""

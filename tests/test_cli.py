@@ -381,3 +381,12 @@ def test_decoding_errors_are_one_line(trained, tmp_path):
     assert done.returncode == 1 and "beam_size: only used by the beam decoder" in done.stderr
     done = run_asr("transcribe", "--model", trained.exp / "best.pt", "--format", "vtt", wav, wav)
     assert done.returncode == 1 and "--output-dir" in done.stderr
+
+
+def test_lm_build_names_a_text_it_cannot_read(tmp_path, capsys):
+    good = tmp_path / "a.txt"
+    good.write_text("one line\n")
+    assert main(["lm", "build", str(good), str(tmp_path / "gone.txt"), "-o", str(tmp_path / "lm.arpa")]) == 1
+    errors = error_lines(capsys.readouterr().err, "lm")
+    assert len(errors) == 1 and "gone.txt: cannot read the text" in errors[0]
+    assert not (tmp_path / "lm.arpa").exists()  # nothing half-built is left behind

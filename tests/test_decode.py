@@ -217,6 +217,9 @@ def test_lexicon_keeps_words_in_the_vocabulary(arpa, tmp_path):
     words = tmp_path / "words.txt"
     words.write_text("THE\nCAB\n")
     assert beam(lp, beam_size=16, lexicon=words) == "THE CAB"
+    # A listed word the LM lacks is still a word: it ends, scored as unknown.
+    words.write_text("THE\nDOG\n")
+    assert beam(spoken("THE DOG"), beam_size=16, lm=arpa, lexicon=words) == "THE DOG"
 
 
 def test_word_bonus_trades_insertions_for_deletions():
