@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -81,7 +80,7 @@ def _load(path: Path, map_location, what: str = "model file"):
     except pickle.UnpicklingError as e:
         raise ModelFileError(f"{path}: refused, holds objects other than tensors and plain data "
                              f"({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - torch's unpickler fails on garbage in many ways (IndexError, ...)
         raise ModelFileError(f"{path}: not a readable {what} (truncated or foreign: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return payload
