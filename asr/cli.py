@@ -213,7 +213,8 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lm", type=Path, help="word n-gram LM, ARPA (plain or .gz), e.g. from asr lm build")
     g.add_argument("--lm-weight", type=float,
                    help=f"weight of the LM's natural-log probability (default {DEFAULT_LM_WEIGHT})")
-    g.add_argument("--word-bonus", type=float, help=f"score added per word (default {DEFAULT_WORD_BONUS})")
+    g.add_argument("--word-bonus", type=float,
+                   help=f"score added per word (default {DEFAULT_WORD_BONUS} with an LM, 0 without)")
     g.add_argument("--lexicon", help="'free' (default): any spelling, a word the LM lacks costs "
                    "--unk-logp; 'lm': only the LM's words; or a word-list file")
     g.add_argument("--unk-logp", type=float,
