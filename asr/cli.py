@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                       description="Estimate an interpolated modified Kneser-Ney n-gram model (as KenLM's "
                       "lmplz does) from text files, one sentence a line, normalised like transcripts "
                       "(upper case, letters and apostrophes).",
-                      epilog="example: asr lm build data/synthetic/lm_text.txt -o exp/lm/3gram.arpa --order 3")
+                      epilog="example: asr lm build data/synthetic/lm/text.txt -o exp/lm/3gram.arpa --order 3")
     b.add_argument("text", nargs="+", type=Path, help="text files (plain or .gz), one sentence a line")
     b.add_argument("-o", "--out", required=True, type=Path, help="ARPA file to write (.gz to compress)")
     b.add_argument("--order", type=int, default=3, help="n-gram order (default %(default)s)")

@@ -124,12 +124,13 @@ class _Trie:
         children: list[dict[int, int]] = [{}]
         word_at = [NOT_A_WORD]
         best = [-np.inf]
+        space = tokenizer.encode(" ")[0]
         for word in words:
             try:
                 ids = tokenizer.encode(word)
             except TextError:  # a word the model cannot spell can never be decoded
                 continue
-            if not ids or tokenizer.encode(" ")[0] in ids:
+            if not ids or space in ids:
                 continue
             score = unigram[word] if unigram is not None else 0.0
             node = 0
@@ -149,7 +150,6 @@ class _Trie:
         self.child = np.array([c for _, c in pairs], dtype=np.int64)
         self.word = np.array(word_at, dtype=np.int64)
         self.smear = np.array(best, dtype=np.float64)
-        self.size = len(children)
 
 
 # ---------------------------------------------------------------------------------------------
