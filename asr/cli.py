@@ -1,4 +1,4 @@
-"""The `asr` command: prepare, train, transcribe, evaluate.
+"""The `asr` command: prepare, train, validate, transcribe, evaluate, lm, tune-lm.
 
 The library raises; this module decides: it prints one line per bad input, goes on with the
 others where that makes sense, and exits non-zero when anything failed.
@@ -132,6 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only compute the feature statistics into EXP_DIR/feature_stats.pt (training "
                    "then reads them from there); a recipe stage of its own")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("validate", help="check manifests before training",
+                       description="Check manifests as training will, without training: malformed lines, "
+                       "missing fields, missing or empty audio, empty text, characters outside the "
+                       "vocabulary, utterances longer than data.max_duration or too short for their text "
+                       "(CTC needs an output frame per character). One line per problem, a summary per "
+                       "manifest; exit status 1 if any row is unusable. asr train runs the same checks "
+                       "and skips (data.bad_rows=skip) or stops (data.bad_rows=fail).",
+                       epilog="example: asr validate data/ls/train-clean-100.jsonl data/ls/dev-clean.jsonl "
+                       "--config recipes/librispeech/conf/clean100.yaml --decode-audio")
+    p.add_argument("manifest", nargs="+", type=Path, help="manifests (JSON Lines)")
+    p.add_argument("--config", type=Path, help="the training config whose limits apply (subsampling, "
+                   "speeds, max_duration)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, as for asr train")
+    p.add_argument("--decode-audio", action="store_true",
+                   help="also open every audio file: catches truncated or undecodable files and durations "
+                   "that disagree with the file (slower: reads each file's header and last sample)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_validate)
 
     p = sub.add_parser("transcribe", help="print the text of audio files",
                        description="Transcribe audio files (any format soundfile reads, any sample rate "
@@ -285,22 +305,70 @@ def _print_report(split: str, report) -> None:
 
 def _train(args) -> int:
     from asr.config import load_config
-    from asr.data import read_manifest
-    from asr.train import TrainConfig, train
+    from asr.data import scan_manifest
+    from asr.train import TrainConfig, TrainingInterrupted, train
 
     config = load_config(TrainConfig, args.config, args.overrides)
     args.exp_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(args.exp_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
-    best = train(config, read_manifest(args.train), read_manifest(args.dev), args.exp_dir,
-                 resume=not args.no_resume, progress=not args.no_progress, stats_only=args.stats_only)
+    (train_rows, train_bad), (dev_rows, dev_bad) = scan_manifest(args.train), scan_manifest(args.dev)
+    try:
+        best = train(config, train_rows, dev_rows, args.exp_dir, resume=not args.no_resume,
+                     progress=not args.no_progress, stats_only=args.stats_only,
+                     found={"train": train_bad, "dev": dev_bad})
+    except TrainingInterrupted as e:
+        print(f"asr train: {e}", file=sys.stderr)
+        return 128 + e.signum  # as a shell reports a process ended by that signal
     if args.stats_only:
         print(f"feature statistics -> {args.exp_dir / 'feature_stats.pt'}")
         return 0
     print(f"best dev: WER {100 * best['wer']:.2f}%  CER {100 * best['cer']:.2f}%  "
           f"(epoch {best['epoch']}) -> {args.exp_dir / 'best.pt'}")
     return 0
+
+
+def _validate(args) -> int:
+    from tqdm import tqdm
+
+    from asr.audio import audio_duration
+    from asr.config import load_config
+    from asr.data import Problem, scan_manifest
+    from asr.text import CharTokenizer
+    from asr.train import TrainConfig, usable_rows
+
+    config = load_config(TrainConfig, args.config, args.overrides)
+    unusable = 0
+    for manifest in args.manifest:
+        try:
+            rows, problems = scan_manifest(manifest)
+        except ASRError as e:
+            print(f"asr validate: error: {e}", file=sys.stderr)
+            unusable += 1
+            continue
+        keep, problems = usable_rows(rows, CharTokenizer(), config, manifest.name, problems)
+        if args.decode_audio:
+            for r in tqdm(keep, desc=f"{manifest.name}: audio", unit="file", leave=False,
+                          disable=args.no_progress or not sys.stderr.isatty()):
+                try:
+                    seconds = audio_duration(r.audio)
+                except ASRError as e:
+                    problems.append(Problem("", r.id, "audio unreadable", str(e)))
+                    continue
+                if abs(seconds - r.duration) > 0.05:  # manifests round durations to 1 ms
+                    problems.append(Problem("", r.id, "duration differs from the audio file's",
+                                            f"{r.duration:g} s in the manifest, {seconds:.3f} s in {r.audio}"))
+        for problem in problems:
+            print(f"{manifest}: {problem}" if not problem.where else str(problem))
+        reasons: dict[str, int] = {}
+        for problem in problems:
+            reasons[problem.reason] = reasons.get(problem.reason, 0) + 1
+        summary = ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "all usable"
+        print(f"{manifest}: {len(rows) + sum(1 for p in problems if p.where)} rows, "
+              f"{len(problems)} unusable ({summary})", file=sys.stderr)
+        unusable += len(problems)
+    return 1 if unusable else 0
 
 
 def _transcribe(args) -> int:
@@ -343,7 +411,7 @@ def _set_names(manifests: list[Path]) -> list[str]:
 
 
 def _evaluate(args) -> int:
-    from asr.data import read_manifest
+    from asr.data import scan_manifest
     from asr.metrics import write_report
     from asr.transcribe import load_model
 
@@ -351,11 +419,14 @@ def _evaluate(args) -> int:
     table, failed = [], 0
     for manifest, name in zip(args.manifest, _set_names(args.manifest)):
         try:
-            rows = read_manifest(manifest)
+            rows, bad_lines = scan_manifest(manifest)
         except ASRError as e:
             print(f"asr evaluate: error: {e}", file=sys.stderr)
             failed += 1
             continue
+        for problem in bad_lines:  # scored without them, and the exit status says so
+            print(f"asr evaluate: error: {problem}", file=sys.stderr)
+        failed += len(bad_lines)
         rates, _, failures = transcriber.evaluate(rows, progress=sys.stderr.isatty())
         for f in failures:
             print(f"asr evaluate: error: {f.message}", file=sys.stderr)

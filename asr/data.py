@@ -6,7 +6,9 @@ Manifest (JSON Lines, one utterance a line; paths relative to the manifest's fol
 
 Batch (from `collate`), B utterances, N samples, L target characters:
     waves (B, N) float32 zero-padded, wave_lengths (B,), targets (B, L) int64 zero-padded,
-    target_lengths (B,), ids: list[str], texts: list[str]
+    target_lengths (B,), ids: list[str], texts: list[str], failed: list[str] (why each item
+    left out of the batch could not be read; a batch of none has only ids, texts, failed and
+    an empty wave_lengths)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from asr.audio import change_speed, load_audio
-from asr.errors import ManifestError
+from asr.errors import AudioError, ManifestError, TextError
 from asr.text import CharTokenizer
 
 
@@ -37,35 +39,103 @@ class Utterance:
     text: str
 
 
-def read_manifest(path: str | os.PathLike) -> list[Utterance]:
-    """Rows of a manifest; ManifestError names the file, line and problem of a bad row."""
+@dataclass(frozen=True)
+class Problem:
+    """Why one manifest row cannot be used: where it is ("file:line"), its id when known,
+    a short reason shared by rows with the same fault, and the details."""
+
+    where: str
+    id: str
+    reason: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return ": ".join(part for part in (self.where, self.id, self.reason, self.detail) if part)
+
+
+def scan_manifest(path: str | os.PathLike) -> tuple[list[Utterance], list[Problem]]:
+    """The well-formed rows of a manifest and a Problem for every malformed line (not JSON,
+    not an object, a field missing, a duration that is not a positive number), so that one
+    bad line is reported with all the others instead of stopping at the first."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in ("id", "audio", "duration", "text") if k not in row]
-            if missing:
-                raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
-            try:
-                duration = float(row["duration"])
-            except (TypeError, ValueError):
-                raise ManifestError(f"{where}: duration {row['duration']!r} is not a number") from None
-            audio = Path(row["audio"])
-            if not audio.is_absolute():
-                audio = path.parent / audio
-            rows.append(Utterance(str(row["id"]), str(audio), duration, str(row["text"])))
+    rows, problems = [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read manifest ({e})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(where, "", "not valid JSON", e.msg))
+            continue
+        if not isinstance(row, dict):
+            problems.append(Problem(where, "", "not a JSON object", type(row).__name__))
+            continue
+        uid = str(row.get("id", ""))
+        missing = [k for k in ("id", "audio", "duration", "text") if k not in row]
+        if missing:
+            problems.append(Problem(where, uid, "missing field(s)", ", ".join(missing)))
+            continue
+        try:
+            duration = float(row["duration"])
+        except (TypeError, ValueError):
+            duration = math.nan
+        if not duration > 0 or math.isinf(duration):
+            problems.append(Problem(where, uid, "duration is not a positive number", repr(row["duration"])))
+            continue
+        audio = Path(str(row["audio"]))
+        if not audio.is_absolute():
+            audio = path.parent / audio
+        rows.append(Utterance(uid, str(audio), duration, str(row["text"])))
+    return rows, problems
+
+
+def read_manifest(path: str | os.PathLike) -> list[Utterance]:
+    """Rows of a manifest; ManifestError names the file, line and problem of the first bad row."""
+    rows, problems = scan_manifest(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more bad line(s))" if len(problems) > 1 else ""
+        raise ManifestError(f"{problems[0]}{more}")
     return rows
+
+
+def check_rows(rows: list[Utterance], tokenizer: CharTokenizer, *, max_duration: float = math.inf,
+               seconds_per_label: float = 0.0, check_audio: bool = True) -> tuple[list[Utterance], list[Problem]]:
+    """Split rows into those fit for CTC training and a Problem for each of the others: audio
+    missing or empty, text empty or holding characters outside the vocabulary, longer than
+    `max_duration`, or too short for its text (CTC needs one output frame per label, and a frame
+    lasts `seconds_per_label`). Only the file system is asked about audio (no decoding), so a
+    960-hour manifest is checked in seconds."""
+    keep, problems = [], []
+    for r in rows:
+        def bad(reason: str, detail: str = "") -> None:
+            problems.append(Problem("", r.id, reason, detail))
+
+        try:
+            labels = len(tokenizer.encode(r.text))
+        except TextError as e:
+            bad("characters outside the vocabulary", str(e).split(": ", 1)[-1])
+            continue
+        if labels == 0:
+            bad("empty transcript")
+        elif r.duration > max_duration:
+            bad("too long", f"{r.duration:g} s > {max_duration:g} s")
+        elif r.duration < labels * seconds_per_label:
+            bad("too short for its transcript",
+                f"{r.duration:g} s gives {int(r.duration / seconds_per_label)} frames for {labels} characters")
+        elif check_audio and not os.path.isfile(r.audio):
+            bad("audio file missing", r.audio)
+        elif check_audio and os.path.getsize(r.audio) == 0:
+            bad("audio file empty (0 bytes)", r.audio)
+        else:
+            keep.append(r)
+    return keep, problems
 
 
 def write_manifest(rows: list[Utterance], path: str | os.PathLike) -> None:
@@ -113,8 +183,13 @@ class SpeechDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int):
+        """(id, wave, target ids, text); (id, None, None, message) when the audio cannot be read,
+        so that one bad file costs its utterance, not the training run."""
         row = self.rows[i]
-        wave = load_audio(row.audio)
+        try:
+            wave = load_audio(row.audio)
+        except AudioError as e:
+            return row.id, None, None, str(e)
         speed = self.speed(i)
         if speed != 1.0:
             wave = change_speed(wave, speed)
@@ -122,7 +197,12 @@ class SpeechDataset(Dataset):
 
 
 def collate(items) -> dict:
-    """Pad a list of dataset items into one batch (see the module docstring)."""
+    """Pad a list of dataset items into one batch (see the module docstring); items whose audio
+    could not be read are left out, their messages listed under "failed"."""
+    failed = [text for _, wave, _, text in items if wave is None]
+    items = [item for item in items if item[1] is not None]
+    if not items:
+        return {"ids": [], "texts": [], "failed": failed, "wave_lengths": torch.zeros(0, dtype=torch.long)}
     ids, waves, targets, texts = zip(*items)
     return {
         "ids": list(ids),
@@ -131,6 +211,7 @@ def collate(items) -> dict:
         "wave_lengths": torch.tensor([len(w) for w in waves]),
         "targets": torch.nn.utils.rnn.pad_sequence(targets, batch_first=True),
         "target_lengths": torch.tensor([len(t) for t in targets]),
+        "failed": failed,
     }
 
 

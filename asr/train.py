@@ -14,6 +14,8 @@ import csv
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +28,9 @@ from tqdm import tqdm
 from asr.audio import SAMPLE_RATE, load_audio
 from asr.checkpoint import load_feature_stats, load_model_file, save_feature_stats, save_model_file
 from asr.config import from_dict, to_dict
-from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate
+from asr.data import BucketBatchSampler, Problem, SpeechDataset, Utterance, check_rows, collate
 from asr.decode import GreedyDecoder
-from asr.errors import ConfigError, TextError
+from asr.errors import AudioError, ConfigError, ManifestError
 from asr.features import FRAMES_PER_SECOND, LogMel, SpecAugment, SpecAugmentConfig, compute_stats
 from asr.model import BiLSTMCTC, ModelConfig
 from asr.text import CharTokenizer
@@ -38,6 +40,7 @@ log = logging.getLogger("asr.train")
 
 
 STATS_FILE = "feature_stats.pt"  # in the experiment folder, written before training starts
+PROBLEMS_FILE = "problems.txt"  # the manifest rows training left out, and why
 
 
 @dataclass
@@ -56,6 +59,8 @@ class DataConfig:
     max_batch_size: int = 128
     sorted_first_epoch: bool = True  # shortest utterances first in epoch 0 (SortaGrad)
     max_duration: float = 30.0  # longer utterances are left out of training
+    bad_rows: str = "skip"  # rows training cannot use (missing audio, unknown characters, ...):
+                            # skip them, listed in EXP_DIR/problems.txt, or fail before training
     num_workers: int = 1
     speeds: tuple[float, ...] = (1.0,)  # speed perturbation: each utterance, each epoch, at one
                                         # of these speeds (Kaldi and ESPnet use 0.9, 1.0, 1.1)
@@ -64,6 +69,8 @@ class DataConfig:
     def __post_init__(self):
         if not self.speeds or min(self.speeds) <= 0:
             raise ConfigError(f"data.speeds={list(self.speeds)}: need one or more positive speeds")
+        if self.bad_rows not in ("skip", "fail"):
+            raise ConfigError(f"data.bad_rows={self.bad_rows!r}: expected skip or fail")
 
 
 @dataclass
@@ -107,45 +114,76 @@ def lr_factor(step: int, progress: float, c: OptimConfig) -> float:
     return c.final_lr + (1 - c.final_lr) * 0.5 * (1 + math.cos(math.pi * decay))
 
 
-def usable_rows(rows: list[Utterance], tokenizer: CharTokenizer, config: TrainConfig,
-                name: str) -> list[Utterance]:
-    """Rows fit for CTC training; the others are logged with the reason and left out."""
-    keep, skipped = [], {}
-    frames_per_label = config.model.subsampling / FRAMES_PER_SECOND
+def usable_rows(rows: list[Utterance], tokenizer: CharTokenizer, config: TrainConfig, name: str,
+                found: list[Problem] = (), training: bool = True) -> tuple[list[Utterance], list[Problem]]:
+    """Rows fit for CTC training (for scoring only, with `training=False`: any length will do),
+    and the problems of the others, with those `found` earlier (e.g. malformed manifest lines).
+    Each reason is logged with a count and a few ids; `refuse_unusable` then judges."""
     fastest = max(config.data.speeds)  # speed perturbation shortens utterances by up to this
-    for r in rows:
-        try:
-            labels = len(tokenizer.encode(r.text))
-        except TextError as e:
-            skipped.setdefault("unknown characters", []).append(f"{r.id} ({e})")
-            continue
-        if r.duration > config.data.max_duration:
-            skipped.setdefault(f"longer than {config.data.max_duration} s", []).append(r.id)
-        elif labels == 0:
-            skipped.setdefault("empty transcript", []).append(r.id)
-        elif r.duration / fastest < labels * frames_per_label:
-            skipped.setdefault("too short for its transcript", []).append(r.id)
-        else:
-            keep.append(r)
-    for reason, ids in skipped.items():
-        log.warning("%s: left out %d utterance(s), %s: %s%s", name, len(ids), reason,
-                    ", ".join(ids[:3]), " ..." if len(ids) > 3 else "")
+    limits = dict(max_duration=config.data.max_duration,
+                  seconds_per_label=fastest * config.model.subsampling / FRAMES_PER_SECOND) if training else {}
+    keep, problems = check_rows(rows, tokenizer, **limits)
+    problems = [*found, *problems]
+    for reason, group in _by_reason(problems).items():
+        log.warning("%s: %d row(s) %s: %s%s", name, len(group), reason,
+                    ", ".join(p.id or p.where for p in group[:3]), " ..." if len(group) > 3 else "")
+    return keep, problems
+
+
+def refuse_unusable(name: str, keep: list[Utterance], problems: list[Problem], config: TrainConfig) -> None:
+    """Stop before training when rows are unusable and data.bad_rows=fail, or when none is left."""
+    if problems and config.data.bad_rows == "fail":
+        counts = ", ".join(f"{len(g)} {reason}" for reason, g in _by_reason(problems).items())
+        raise ManifestError(f"{name}: {len(problems)} unusable row(s) ({counts}); first: {problems[0]}. "
+                            "Fix them, or set data.bad_rows=skip to train without them")
     if not keep:
         raise ConfigError(f"{name}: no usable utterances")
-    return keep
+
+
+def _by_reason(problems: list[Problem]) -> dict[str, list[Problem]]:
+    groups: dict[str, list[Problem]] = {}
+    for p in problems:
+        groups.setdefault(p.reason, []).append(p)
+    return groups
+
+
+def write_problems(path: Path, problems: dict[str, list[Problem]]) -> None:
+    """One line per unusable row, "<set>: <where>: <id>: <reason>: <detail>"; no file when all is well."""
+    lines = [f"{name}: {p}" for name, group in problems.items() for p in group]
+    if lines:
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        log.warning("%d unusable row(s) listed in %s", len(lines), path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def feature_stats(rows: list[Utterance], config: TrainConfig, log_mel: LogMel) -> dict:
     """Global log-mel mean/std over `config.data.stats_utterances` utterances drawn by the seed."""
     sample = random.Random(config.seed).sample(rows, min(len(rows), config.data.stats_utterances))
     device = log_mel.mean.device
-    mean, std = compute_stats((torch.from_numpy(load_audio(r.audio)).to(device) for r in sample), log_mel)
+
+    def waves():
+        for r in sample:
+            try:
+                yield torch.from_numpy(load_audio(r.audio)).to(device)
+            except AudioError as e:  # the training loop will leave it out too
+                log.warning("feature statistics without %s", e)
+
+    try:
+        mean, std = compute_stats(waves(), log_mel)
+    except ValueError:
+        raise ConfigError(f"train: none of the {len(sample)} utterances sampled for the feature "
+                          "statistics could be read") from None
     return {"mean": mean.cpu(), "std": std.cpu()}
 
 
 def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utterance],
-          exp_dir: str | Path, resume: bool = True, progress: bool = True, stats_only: bool = False) -> dict:
+          exp_dir: str | Path, resume: bool = True, progress: bool = True, stats_only: bool = False,
+          found: dict[str, list[Problem]] | None = None) -> dict:
     """Train a model into `exp_dir`; resumes from `exp_dir/last.pt` when it exists.
+
+    Rows training cannot use are checked for first and listed in `exp_dir/problems.txt`, with
+    any problems `found` earlier ({"train": [...], "dev": [...]}, e.g. malformed manifest lines).
 
     The feature statistics come from `exp_dir/feature_stats.pt` when it exists, else they are
     computed and written there first; `stats_only` stops after that (a recipe stage of its own).
@@ -165,8 +203,12 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
     if config.bf16 and not bf16:
         log.warning("bf16: %s has no native bf16 arithmetic; training in fp32", device)
     tokenizer = CharTokenizer()
-    train_rows = usable_rows(train_rows, tokenizer, config, "train")
-    dev_rows = [r for r in dev_rows if all(c in tokenizer.tokens for c in r.text)]
+    found = found or {}
+    train_rows, train_problems = usable_rows(train_rows, tokenizer, config, "train", found.get("train", []))
+    dev_rows, dev_problems = usable_rows(dev_rows, tokenizer, config, "dev", found.get("dev", []), training=False)
+    write_problems(exp_dir / PROBLEMS_FILE, {"train": train_problems, "dev": dev_problems})
+    refuse_unusable("train", train_rows, train_problems, config)
+    refuse_unusable("dev", dev_rows, dev_problems, config)
     _seed_everything(config.seed)
 
     log_mel = LogMel().to(device)
@@ -195,12 +237,14 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
 
     # Where training stands; all of it goes into last.pt.
     epoch, step, batch_in_epoch, elapsed, best = 0, 0, 0, 0.0, {"wer": 1.0, "cer": float("inf"), "epoch": 0}
+    log_rows = 0  # rows of log.csv written by then: a run killed later wrote more, dropped on resume
     if resumed is not None:
         ts = resumed["train_state"]
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(ts["optimizer"])
         epoch, step, batch_in_epoch, elapsed, best = (ts["epoch"], ts["step"], ts["batch_in_epoch"],
                                                       ts["elapsed"], ts["best"])
+        log_rows = ts.get("log_rows")
         _set_rng_state(ts["rng"])
         log.info("resuming from %s: epoch %d, step %d, %.1f min trained", last, epoch + 1, step, elapsed / 60)
     del resumed
@@ -221,86 +265,123 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
             out["train_state"] = {
                 "config": to_dict(config), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
                 "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "elapsed": elapsed,
-                "best": best,
+                "best": best, "log_rows": log_csv.rows,
             }
         return out
 
     dataset = SpeechDataset(train_rows, tokenizer, speeds=config.data.speeds, seed=config.seed)
     ctc = torch.nn.CTCLoss(blank=tokenizer.blank_id, reduction="sum", zero_infinity=True)
-    log_csv = _CsvLog(exp_dir / "log.csv", append=step > 0)
+    log_csv = _CsvLog(exp_dir / "log.csv", keep_rows=log_rows)
     log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch "
              "(padding efficiency %.1f%%), %d epochs%s, device %s", model.num_parameters() / 1e6,
              len(train_rows), sum(r.duration for r in train_rows) / 3600, sampler.batches_per_epoch,
              100 * sampler.padding_efficiency, config.epochs,
              f" or {config.max_minutes:g} min" if budget else "", f"{device}{' (bf16)' if bf16 else ''}")
 
-    skipped_nonfinite = 0
-    window = {"loss": 0.0, "losses": 0, "audio": 0.0, "seconds": 0.0}  # since the last log line
-    while epoch < config.epochs and fraction_done() < 1.0:
-        model.train()
-        sampler.set_epoch(epoch, batch_in_epoch)
-        dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                            num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(config.seed + epoch))  # leaves the global RNG alone
-        bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not progress, dynamic_ncols=True)
-        tick = time.perf_counter()
-        for batch in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = config.optim.lr * lr_factor(step, fraction_done(), config.optim)
-            waves = batch["waves"].to(device, non_blocking=True)
-            feats, frames = log_mel(waves, batch["wave_lengths"].to(device))
-            if epoch >= config.specaugment_from_epoch:
-                feats = specaug(feats, frames)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                log_probs, out_lengths = model(feats, frames.cpu())
-            loss = ctc(log_probs.float().transpose(0, 1),  # (B, T', V) -> (T', B, V)
-                       batch["targets"], out_lengths, batch["target_lengths"]) / len(batch["ids"])
-            optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip, foreach=True)
-                optimizer.step()
-                window["loss"] += loss.item()
-                window["losses"] += 1
-            else:
-                skipped_nonfinite += 1
-            step += 1
-            batch_in_epoch += 1
-            now = time.perf_counter()
-            elapsed += now - tick
-            window["seconds"] += now - tick
-            tick = now
-            window["audio"] += batch["wave_lengths"].sum().item() / SAMPLE_RATE
-            if step % config.log_every == 0:
-                speed = window["audio"] / max(window["seconds"], 1e-9)
-                loss_mean = window["loss"] / max(window["losses"], 1)
-                lr = optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{speed:.0f}")
-                log_csv.write(step=step, epoch=epoch + 1, loss=loss_mean, lr=lr,
-                              audio_sec_per_sec=speed, minutes=elapsed / 60)
-                window = dict.fromkeys(window, 0)
-            if config.save_every and step % config.save_every == 0:
-                save_model_file(payload(with_state=True), last)
-            if fraction_done() >= 1.0:
-                if budget and elapsed >= budget:
-                    log.info("time budget of %g min reached at step %d", config.max_minutes, step)
-                break
-        bar.close()
-        if skipped_nonfinite:
-            log.warning("skipped %d batch(es) with a non-finite loss so far", skipped_nonfinite)
-        if batch_in_epoch >= sampler.batches_per_epoch:  # the epoch ran to its end
-            epoch, batch_in_epoch = epoch + 1, 0
+    skipped = {"non-finite loss": 0, "out of memory": 0}  # batches left out, by reason
+    unreadable: set[str] = set()  # audio files that failed to load mid-training (warned once each)
 
-        rates = evaluate_dev(model, log_mel, tokenizer, dev_rows, device, progress)
-        log_csv.write(step=step, epoch=epoch, dev_wer=rates.wer, dev_cer=rates.cer, minutes=elapsed / 60)
-        log.info("epoch %d: dev WER %.2f%%  CER %.2f%%  (%d utterances, %.1f min trained)", epoch,
-                 100 * rates.wer, 100 * rates.cer, len(rates.utterances), elapsed / 60)
-        if rates.cer < best["cer"]:
-            best = {"wer": rates.wer, "cer": rates.cer, "epoch": epoch}
-            save_model_file(payload(with_state=False), exp_dir / "best.pt")
-        save_model_file(payload(with_state=True), last)
+    def train_step(batch: dict) -> float | None:
+        """One optimizer step on `batch`; its loss, or None when the loss is not finite. Its
+        tensors die with this frame, so an out-of-memory error leaves nothing behind."""
+        waves = batch["waves"].to(device, non_blocking=True)
+        feats, frames = log_mel(waves, batch["wave_lengths"].to(device))
+        if epoch >= config.specaugment_from_epoch:
+            feats = specaug(feats, frames)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            log_probs, out_lengths = model(feats, frames.cpu())
+        loss = ctc(log_probs.float().transpose(0, 1),  # (B, T', V) -> (T', B, V)
+                   batch["targets"], out_lengths, batch["target_lengths"]) / len(batch["ids"])
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip, foreach=True)
+        optimizer.step()
+        return loss.item()
+
+    window = {"loss": 0.0, "losses": 0, "audio": 0.0, "seconds": 0.0}  # since the last log line
+    with _StopOnSignal() as stop:
+        while epoch < config.epochs and fraction_done() < 1.0:
+            model.train()
+            sampler.set_epoch(epoch, batch_in_epoch)
+            dataset.set_epoch(epoch)
+            loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
+                                worker_init_fn=_ignore_sigint,
+                                generator=torch.Generator().manual_seed(config.seed + epoch))  # leaves the global RNG alone
+            bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{config.epochs}",
+                       disable=not progress, dynamic_ncols=True)
+            tick = time.perf_counter()
+            for batch in bar:
+                for message in batch["failed"]:
+                    if message not in unreadable:
+                        unreadable.add(message)
+                        log.warning("left out of training: %s", message)
+                batch_in_epoch += 1
+                if batch["ids"]:
+                    for group in optimizer.param_groups:
+                        group["lr"] = config.optim.lr * lr_factor(step, fraction_done(), config.optim)
+                    try:
+                        loss, out_of_memory = train_step(batch), False
+                    except torch.OutOfMemoryError:
+                        loss, out_of_memory = None, True
+                    if out_of_memory:  # handled out here, once the step's tensors are freed
+                        optimizer.zero_grad(set_to_none=True)
+                        torch.cuda.empty_cache()
+                        skipped["out of memory"] += 1
+                        log.warning("step %d: out of memory on %d utterances (%.0f s of audio); batch "
+                                    "skipped (lower data.max_batch_seconds if this repeats)", step + 1,
+                                    len(batch["ids"]), batch["wave_lengths"].sum().item() / SAMPLE_RATE)
+                    elif loss is None:
+                        skipped["non-finite loss"] += 1
+                    else:
+                        window["loss"] += loss
+                        window["losses"] += 1
+                    step += 1
+                now = time.perf_counter()
+                elapsed += now - tick
+                window["seconds"] += now - tick
+                tick = now
+                window["audio"] += batch["wave_lengths"].sum().item() / SAMPLE_RATE
+                if batch["ids"] and step % config.log_every == 0:
+                    speed = window["audio"] / max(window["seconds"], 1e-9)
+                    loss_mean = window["loss"] / max(window["losses"], 1)
+                    lr = optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{speed:.0f}")
+                    log_csv.write(step=step, epoch=epoch + 1, loss=loss_mean, lr=lr,
+                                  audio_sec_per_sec=speed, minutes=elapsed / 60)
+                    window = dict.fromkeys(window, 0)
+                if stop.signal is not None:
+                    break
+                if config.save_every and batch["ids"] and step % config.save_every == 0:
+                    save_model_file(payload(with_state=True), last)
+                if fraction_done() >= 1.0:
+                    if budget and elapsed >= budget:
+                        log.info("time budget of %g min reached at step %d", config.max_minutes, step)
+                    break
+            bar.close()
+            for reason, count in skipped.items():
+                if count:
+                    log.warning("skipped %d batch(es) so far: %s", count, reason)
+            if batch_in_epoch >= sampler.batches_per_epoch:  # the epoch ran to its end
+                epoch, batch_in_epoch = epoch + 1, 0
+            if stop.signal is not None:  # saved where it stands; the same command resumes from here
+                save_model_file(payload(with_state=True), last)
+                log_csv.close()
+                raise TrainingInterrupted(stop.signal, step, last)
+
+            rates = evaluate_dev(model, log_mel, tokenizer, dev_rows, device, progress)
+            log_csv.write(step=step, epoch=epoch, dev_wer=rates.wer, dev_cer=rates.cer, minutes=elapsed / 60)
+            log.info("epoch %d: dev WER %.2f%%  CER %.2f%%  (%d utterances, %.1f min trained)", epoch,
+                     100 * rates.wer, 100 * rates.cer, len(rates.utterances), elapsed / 60)
+            if rates.cer < best["cer"]:
+                best = {"wer": rates.wer, "cer": rates.cer, "epoch": epoch}
+                save_model_file(payload(with_state=False), exp_dir / "best.pt")
+            save_model_file(payload(with_state=True), last)
+            if stop.signal is not None:
+                log_csv.close()
+                raise TrainingInterrupted(stop.signal, step, last)
     log_csv.close()
     return best
 
@@ -326,23 +407,78 @@ def evaluate_dev(model: BiLSTMCTC, log_mel: LogMel, tokenizer: CharTokenizer, ro
 
 
 class _CsvLog:
-    """log.csv: one row per logged step or dev evaluation, blank where a column does not apply."""
+    """log.csv: one row per logged step or dev evaluation, blank where a column does not apply.
+
+    Opened with `keep_rows` (the count saved with the model file resumed from), it keeps that
+    many rows and drops any written after (by a run killed before its next save), so a resumed
+    run's log reads as if it had never stopped. `keep_rows=None` keeps every row.
+    """
 
     COLUMNS = ["step", "epoch", "minutes", "loss", "lr", "audio_sec_per_sec", "dev_wer", "dev_cer"]
 
-    def __init__(self, path: Path, append: bool):
-        fresh = not (append and path.exists())
-        self.file = open(path, "w" if fresh else "a", newline="")
+    def __init__(self, path: Path, keep_rows: int | None):
+        kept = []
+        if keep_rows != 0 and path.exists():
+            with open(path, newline="") as f:
+                kept = list(csv.DictReader(f))
+            kept = kept if keep_rows is None else kept[:keep_rows]
+        self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
-        if fresh:
-            self.writer.writeheader()
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        self.file.flush()
+        self.rows = len(kept)
 
     def write(self, **values) -> None:
         self.writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()})
         self.file.flush()
+        self.rows += 1
 
     def close(self) -> None:
         self.file.close()
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM, after saving where it stood in `path`."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {path} holds "
+                         "the training state: run the same command again to resume")
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C to the main process, which finishes its step and saves;
+    a worker that died of it could take the batch the main process is waiting for with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _StopOnSignal:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (what batch schedulers send before a kill) ask
+    the loop to stop after the current step, save and exit; a second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("%s: stopping after this step (Ctrl-C again to stop at once, unsaved)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _seed_everything(seed: int) -> None:

@@ -39,6 +39,7 @@ from conftest import E2E_EPOCHS, E2E_SETTINGS, read_jsonl, run_asr, sine, write_
     (["lm", "build"], ["--order", "--out"]),
     (["tune-lm"], ["--lm-weights", "--word-bonuses", "--save"]),
     (["evaluate"], ["--model", "--manifest", "--report-dir", "--device"]),
+    (["validate"], ["manifest", "--config", "--set", "--decode-audio", "data.bad_rows"]),
 ])
 def test_help(argv, expected, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -100,10 +101,51 @@ def restore_logging():
 def test_bad_manifest_line(tmp_path, capsys, restore_logging):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"id": "a", "audio": "a.wav", "duration": 1.0, "text": "A"}\n{oops\n')
-    code = main(["train", "--train", str(manifest), "--dev", str(manifest), "--exp-dir", str(tmp_path / "exp")])
-    assert code == 1
+    args = ["train", "--train", str(manifest), "--dev", str(manifest), "--exp-dir", str(tmp_path / "exp")]
+    assert main(args + ["--set", "data.bad_rows=fail"]) == 1
     (line,) = error_lines(capsys.readouterr().err, "train")
-    assert f"{manifest}:2" in line and "not valid JSON" in line
+    assert f"{manifest}:2: not valid JSON" in line and "1 audio file missing" in line
+    # Skipping, both rows go (the only audio file is missing): nothing is left to train on.
+    assert main(args) == 1
+    (line,) = error_lines(capsys.readouterr().err, "train")
+    assert "no usable utterances" in line
+    assert f"train: {manifest}:2: not valid JSON" in (tmp_path / "exp" / "problems.txt").read_text()
+
+
+def test_validate_lists_every_unusable_row(tmp_path, capsys):
+    good = write_audio(tmp_path / "good.flac", sine(440, 1.0))
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(write_audio(tmp_path / "whole.flac", sine(440, 3.0) + 0.01 * np.random.randn(48000).astype("float32"))
+                    .read_bytes()[:3000])
+    (tmp_path / "empty.wav").touch()
+    rows = [("ok", "good.flac", 1.0, "HELLO"), ("lower", "good.flac", 1.0, "h\u00e9llo"),
+            ("gone", "gone.flac", 1.0, "HI"), ("empty", "empty.wav", 1.0, "HI"), ("blank", "good.flac", 1.0, ""),
+            ("long", "good.flac", 40.0, "HI"), ("short", "good.flac", 0.05, "HELLO THERE"),
+            ("cut", "cut.flac", 3.0, "HI"), ("wrong", "good.flac", 2.5, "HI")]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": i, "audio": a, "duration": d, "text": t}) + "\n"
+                                for i, a, d, t in rows) + "{oops\n")
+    assert main(["validate", str(manifest)]) == 1
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 7
+    for words in ("lower: characters outside the vocabulary", f"gone: audio file missing: {tmp_path / 'gone.flac'}",
+                  "empty: audio file empty", "blank: empty transcript", "long: too long: 40 s > 30 s",
+                  "short: too short for its transcript", f"{manifest}:10: not valid JSON"):
+        assert sum(words in line for line in lines) == 1, words
+    assert "cut" not in out and "wrong" not in out  # only opening the audio finds those
+    assert f"{manifest}: 10 rows, 7 unusable" in err
+    # Opening every file also finds the truncated one and the duration that disagrees with its file.
+    assert main(["validate", str(manifest), "--decode-audio", "--set", "data.max_duration=50"]) == 1
+    out = capsys.readouterr().out
+    assert "long: too long" not in out  # the limit comes from the training config
+    assert sum("cut: audio unreadable" in line and "cut.flac" in line for line in out.splitlines()) == 1
+    assert sum("wrong: duration differs from the audio file's: 2.5 s in the manifest, 1.000 s" in line
+               for line in out.splitlines()) == 1
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(json.dumps({"id": "ok", "audio": "good.flac", "duration": 1.0, "text": "HELLO"}) + "\n")
+    assert main(["validate", str(clean), "--decode-audio"]) == 0
+    assert f"{clean}: 1 rows, 0 unusable (all usable)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,10 +243,11 @@ def test_evaluate_goes_on_past_bad_inputs(trained, tmp_path):
     assert done.returncode == 1
     errors = error_lines(done.stderr, "evaluate")
     assert len(errors) == 2
-    assert f"{broken}:2" in errors[0]
+    assert f"{broken}:2" in errors[0] and "not valid JSON" in errors[0]
     assert "gone.flac" in errors[1] and "no such file" in errors[1]
     table = score_table(done.stdout)
-    assert list(table) == ["with-missing", "train"]  # the broken manifest is left out, the rest scored
+    assert list(table) == ["broken", "with-missing", "train"]  # each scored on the rows it could use
+    assert table["broken"]["utterances"] == "1"
     assert table["with-missing"]["utterances"] == "8"
     assert table["with-missing"]["CER %"] == table["train"]["CER %"]
     assert (trained.exp / "with-missing.errors.jsonl").is_file()  # default: beside the model

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate, read_manifest, write_manifest
+from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate, read_manifest, scan_manifest, write_manifest
 from asr.errors import AudioError, ManifestError, TextError
 from asr.text import CharTokenizer
 from conftest import sine, write_audio
@@ -43,8 +43,11 @@ def test_read_manifest_resolves_relative_paths(tmp_path):
     ("{not json", ["not valid JSON"]),
     (json.dumps({"id": "b", "audio": "b.flac", "text": "B"}), ["missing field", "duration"]),
     (json.dumps({"id": "b", "duration": 1.0}), ["missing field", "audio, text"]),
-    (row(duration="long"), ["duration", "'long'", "not a number"]),
-    (row(duration=None), ["duration", "None", "not a number"]),
+    (row(duration="long"), ["duration", "'long'", "not a positive number"]),
+    (row(duration=None), ["duration", "None", "not a positive number"]),
+    (row(duration=0), ["duration", "0", "not a positive number"]),
+    (row(duration=-1.5), ["duration", "-1.5", "not a positive number"]),
+    ('{"id": "a", "audio": "a.flac", "duration": Infinity, "text": "A"}', ["duration", "inf"]),
 ])
 def test_bad_manifest_lines_name_file_and_line(tmp_path, bad, words):
     path = write_lines(tmp_path / "m.jsonl", row("ok"), "", bad, row("after"))
@@ -66,6 +69,18 @@ def test_manifest_line_that_is_not_an_object(tmp_path, bad):
 def test_manifest_line_that_is_a_list(tmp_path):
     path = write_lines(tmp_path / "m.jsonl", '["a", "b"]')
     with pytest.raises(ManifestError, match=f"{path}:1"):
+        read_manifest(path)
+
+
+def test_scan_reports_every_bad_line_and_keeps_the_good_ones(tmp_path):
+    path = write_lines(tmp_path / "m.jsonl", row("ok"), "{oops", row("b", duration="x"), "[1]",
+                       json.dumps({"id": "c"}), row("after"))
+    rows, problems = scan_manifest(path)
+    assert [r.id for r in rows] == ["ok", "after"]
+    assert [(p.where, p.id, p.reason) for p in problems] == [
+        (f"{path}:2", "", "not valid JSON"), (f"{path}:3", "b", "duration is not a positive number"),
+        (f"{path}:4", "", "not a JSON object"), (f"{path}:5", "c", "missing field(s)")]
+    with pytest.raises(ManifestError, match=rf"{path}:2: not valid JSON.*\(and 3 more bad line\(s\)\)"):
         read_manifest(path)
 
 
@@ -135,10 +150,16 @@ def test_dataset_refuses_text_outside_the_alphabet(tmp_path):
         SpeechDataset([Utterance("a", str(tmp_path / "a.wav"), 1.0, "hello")], CharTokenizer())
 
 
-def test_dataset_missing_audio(tmp_path):
-    ds = SpeechDataset([Utterance("a", str(tmp_path / "gone.wav"), 1.0, "A")], CharTokenizer())
-    with pytest.raises(AudioError, match="gone.wav"):
-        ds[0]
+def test_unreadable_audio_is_left_out_of_its_batch_with_the_reason(tmp_path):
+    good = write_audio(tmp_path / "good.wav", sine(440, 0.5))
+    ds = SpeechDataset([Utterance("a", str(tmp_path / "gone.wav"), 1.0, "A"),
+                        Utterance("b", str(good), 0.5, "B")], CharTokenizer())
+    uid, wave, target, message = ds[0]
+    assert (uid, wave, target) == ("a", None, None) and "gone.wav" in message and "no such file" in message
+    batch = collate([ds[0], ds[1]])
+    assert batch["ids"] == ["b"] and batch["waves"].shape == (1, 8000) and batch["failed"] == [message]
+    empty = collate([ds[0]])
+    assert empty["ids"] == [] and empty["failed"] == [message] and len(empty["wave_lengths"]) == 0
 
 
 def test_collate_pads():
@@ -154,6 +175,7 @@ def test_collate_pads():
     assert torch.equal(batch["targets"], torch.tensor([[3, 4, 0, 0], [5, 6, 7, 8], [9, 0, 0, 0]]))
     assert batch["target_lengths"].tolist() == [2, 4, 1]
     assert batch["targets"].dtype == torch.int64
+    assert batch["failed"] == []
 
 
 # ----------------------------------------------------------------------------- the sampler

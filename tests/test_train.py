@@ -3,18 +3,22 @@
 import csv
 import logging
 import math
-import random
-import shutil
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from asr.checkpoint import load_model_file
 from asr.config import load_config
-from asr.data import Utterance
-from asr.errors import AudioError, ConfigError
+from asr.data import Problem, Utterance, write_manifest
+from asr.errors import ConfigError, ManifestError
 from asr.text import CharTokenizer
-from asr.train import OptimConfig, TrainConfig, bf16_supported, lr_factor, train, usable_rows
+from asr.train import OptimConfig, TrainConfig, bf16_supported, lr_factor, refuse_unusable, train, usable_rows
 from conftest import noise, sine, write_audio
 
 
@@ -33,30 +37,49 @@ def test_lr_schedule_by_hand():
     assert all(a >= b for a, b in zip(factors, factors[1:]))
 
 
-def test_usable_rows_leaves_out_what_ctc_cannot_learn(caplog):
+def test_usable_rows_leaves_out_what_ctc_cannot_learn(tmp_path, caplog):
     config = load_config(TrainConfig, None, ["model.subsampling=4", "data.max_duration=10"])
     tok = CharTokenizer()
+    audio = {name: str(write_audio(tmp_path / f"{name}.flac", sine(440, 0.3))) for name in "abcdef"}
+    (tmp_path / "empty.flac").touch()
     rows = [
-        Utterance("ok", "a.flac", 2.0, "HELLO"),
-        Utterance("lower", "b.flac", 2.0, "hello"),  # outside the alphabet
-        Utterance("long", "c.flac", 11.0, "HELLO"),
-        Utterance("empty", "d.flac", 1.0, ""),
+        Utterance("ok", audio["a"], 2.0, "HELLO"),
+        Utterance("lower", audio["b"], 2.0, "hello"),  # outside the alphabet
+        Utterance("long", audio["c"], 11.0, "HELLO"),
+        Utterance("empty", audio["d"], 1.0, ""),
         # 0.2 s at 40 ms per output frame is 5 frames: too few for 6 characters.
-        Utterance("short", "e.flac", 0.2, "ABCDEF"),
-        Utterance("fits", "f.flac", 0.25, "ABCDE"),
+        Utterance("short", audio["e"], 0.2, "ABCDEF"),
+        Utterance("fits", audio["f"], 0.25, "ABCDE"),
+        Utterance("gone", str(tmp_path / "gone.flac"), 1.0, "HELLO"),
+        Utterance("zero", str(tmp_path / "empty.flac"), 1.0, "HELLO"),
     ]
+    earlier = [Problem("train.jsonl:9", "", "not valid JSON", "Expecting value")]
     with caplog.at_level(logging.WARNING, logger="asr.train"):
-        kept = usable_rows(rows, tok, config, "train")
+        kept, problems = usable_rows(rows, tok, config, "train", earlier)
     assert [r.id for r in kept] == ["ok", "fits"]
-    log = caplog.text
-    for uid in ("lower", "long", "empty", "short"):
-        assert uid in log
+    assert [(p.id, p.reason) for p in problems] == [
+        ("", "not valid JSON"), ("lower", "characters outside the vocabulary"), ("long", "too long"),
+        ("empty", "empty transcript"), ("short", "too short for its transcript"),
+        ("gone", "audio file missing"), ("zero", "audio file empty (0 bytes)")]
+    assert str(tmp_path / "gone.flac") in str(problems[5])
+    for words in ("lower", "long", "empty", "short", "gone", "zero", "train.jsonl:9"):
+        assert words in caplog.text
     with pytest.raises(ConfigError, match="no usable utterances"):
-        usable_rows(rows[1:5], tok, config, "train")
+        refuse_unusable("train", *usable_rows(rows[1:5], tok, config, "train"), config)
+    refuse_unusable("train", kept, problems, config)  # data.bad_rows=skip: the rest will do
     # Played 1.3 times faster, "fits" lasts 0.19 s: under the 5 frames its letters need.
     faster = load_config(TrainConfig, None, ["model.subsampling=4", "data.max_duration=10",
                                              "data.speeds=[1.0,1.3]"])
-    assert [r.id for r in usable_rows(rows, tok, faster, "train")] == ["ok"]
+    assert [r.id for r in usable_rows(rows, tok, faster, "train")[0]] == ["ok"]
+    # data.bad_rows=fail stops before training, with a count per reason.
+    strict = load_config(TrainConfig, None, ["model.subsampling=4", "data.max_duration=10", "data.bad_rows=fail"])
+    with pytest.raises(ManifestError, match=r"train: 6 unusable row\(s\) .*1 audio file missing.*data.bad_rows=skip"):
+        refuse_unusable("train", *usable_rows(rows, tok, strict, "train"), strict)
+    refuse_unusable("train", *usable_rows(rows[:1], tok, strict, "train"), strict)
+    # For scoring, any length will do.
+    assert [r.id for r in usable_rows(rows, tok, config, "dev", training=False)[0]] == ["ok", "long", "short", "fits"]
+    with pytest.raises(ConfigError, match="data.bad_rows='maybe'"):
+        load_config(TrainConfig, None, ["data.bad_rows=maybe"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,33 +124,35 @@ def test_training_writes_models_and_log(tiny_rows, tmp_path):
     assert [(r["step"], r["epoch"]) for r in rows if r["dev_cer"]] == [("2", "1"), ("4", "2")]
 
 
-def test_resume_mid_epoch_is_exact(tiny_rows, tmp_path):
-    """A run stopped mid-epoch and resumed ends with the weights of a run never stopped."""
-    overrides = ["epochs=2", "data.max_batch_size=1", "save_every=1", "model.dropout=0.2",
-                 "specaugment_from_epoch=1", "data.stats_utterances=1", "data.speeds=[0.9,1.0,1.1]"]
-    straight = tmp_path / "straight"
-    train(tiny_config(*overrides), tiny_rows, tiny_rows, straight, progress=False)
+def test_unusable_rows_are_listed_in_the_experiment_folder(tiny_rows, tmp_path):
+    exp = tmp_path / "exp"
+    rows = tiny_rows + [Utterance("gone", str(tmp_path / "gone.wav"), 0.5, "AB"),
+                        Utterance("accent", tiny_rows[0].audio, 0.5, "CAF\u00c9")]
+    found = {"train": [Problem("t.jsonl:3", "", "not valid JSON")], "dev": []}
+    train(tiny_config("epochs=1", "data.max_batch_size=4"), rows, rows, exp, progress=False, found=found)
+    lines = (exp / "problems.txt").read_text().splitlines()
+    assert lines == ["train: t.jsonl:3: not valid JSON",
+                     f"train: gone: audio file missing: {tmp_path / 'gone.wav'}",
+                     "train: accent: characters outside the vocabulary: '\u00c9' in 'CAF\u00c9'",
+                     f"dev: gone: audio file missing: {tmp_path / 'gone.wav'}",
+                     "dev: accent: characters outside the vocabulary: '\u00c9' in 'CAF\u00c9'"]
+    train(tiny_config("epochs=1", "data.max_batch_size=4"), tiny_rows, tiny_rows, exp, progress=False,
+          resume=False)
+    assert not (exp / "problems.txt").exists()  # a clean run leaves no stale list behind
 
-    # Stop the second run at the 3rd step of epoch 0 (sorted: the 3rd shortest utterance) by
-    # taking its file away. data.stats_utterances=1 reads only one other utterance beforehand.
-    interrupted = tmp_path / "interrupted"
-    victim = tiny_rows[2].audio
-    assert random.Random(0).sample(tiny_rows, 1)[0].audio != victim
-    shutil.move(victim, victim + ".away")
-    with pytest.raises(AudioError, match="u2.wav"):
-        train(tiny_config(*overrides), tiny_rows, tiny_rows, interrupted, progress=False)
-    state = load_model_file(interrupted / "last.pt")["train_state"]
-    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (0, 2, 2)
-    shutil.move(victim + ".away", victim)
-    train(tiny_config(*overrides), tiny_rows, tiny_rows, interrupted, progress=False)
 
-    a, b = load_model_file(straight / "last.pt"), load_model_file(interrupted / "last.pt")
-    assert a["train_state"]["step"] == b["train_state"]["step"] == 8
-    for key, value in a["model"].items():
-        assert torch.equal(b["model"][key], value), key
-    columns = ("step", "epoch", "loss", "lr", "dev_wer", "dev_cer")  # not the clock's columns
-    keep = lambda rows: [tuple(r[c] for c in columns) for r in rows]  # noqa: E731
-    assert keep(read_log(interrupted / "log.csv")) == keep(read_log(straight / "log.csv"))
+def test_audio_that_breaks_mid_training_costs_its_utterance_not_the_run(tiny_rows, tmp_path, caplog):
+    """A file that passed the checks but cannot be decoded when its batch comes is left out
+    with one warning naming it; the run goes on and every other utterance is trained on."""
+    Path(tiny_rows[2].audio).write_bytes(b"RIFF\x00\x00garbage")
+    exp = tmp_path / "exp"
+    with caplog.at_level(logging.WARNING, logger="asr"):
+        train(tiny_config("epochs=2", "data.max_batch_size=1", "save_every=0"), tiny_rows, tiny_rows[:2], exp,
+              progress=False)
+    warned = [r.getMessage() for r in caplog.records if "left out of training" in r.getMessage()]
+    assert len(warned) == 1 and "u2.wav" in warned[0] and "cannot decode" in warned[0]
+    state = load_model_file(exp / "last.pt")["train_state"]
+    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (2, 6, 0)  # 3 of 4 trained, twice
 
 
 def test_resume_with_more_epochs_goes_on_with_the_saved_config(tiny_rows, tmp_path, caplog):
@@ -214,3 +239,73 @@ def test_a_file_without_statistics_is_refused(tmp_path):
         load_feature_stats(path)
     with pytest.raises(ModelFileError, match="gone.pt: no such feature statistics file"):
         load_feature_stats(tmp_path / "gone.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping a real `asr train` process: SIGTERM (as a batch scheduler sends) and kill -9.
+
+KILL_SETTINGS = ["model.hidden_size=16", "model.num_layers=1", "model.conv_channels=4", "model.subsampling=2",
+                 "data.num_workers=1", "optim.warmup_steps=3", "log_every=1", "save_every=1",
+                 "data.max_batch_size=1", "data.stats_utterances=1", "data.speeds=[0.9,1.0,1.1]",
+                 "model.dropout=0.2", "epochs=30"]
+
+
+def start_training(manifest: Path, exp: Path) -> subprocess.Popen:
+    args = [a for s in KILL_SETTINGS for a in ("--set", s)]
+    return subprocess.Popen([sys.executable, "-m", "asr.cli", "train", "--train", manifest, "--dev", manifest,
+                             "--exp-dir", exp, "--no-progress", *args], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_steps(exp: Path, steps: int, process: subprocess.Popen) -> None:
+    """Until log.csv shows `steps` logged steps (one a step here) or the process ends."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (exp / "log.csv").exists() and sum(1 for r in read_log(exp / "log.csv") if r["loss"]) >= steps:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"training ended or stalled before step {steps}: {process.communicate()[1][-2000:]}")
+
+
+def comparable(exp: Path) -> list[tuple]:
+    return [tuple(r[c] for c in ("step", "epoch", "loss", "lr", "dev_wer", "dev_cer")) for r in read_log(exp / "log.csv")]
+
+
+def test_stopped_and_killed_runs_resume_exactly(tiny_rows, tmp_path):
+    """SIGTERM saves and exits with 143; kill -9 loses only what came after the last save. Both
+    resume to the losses, log and weights of a run never stopped (speed perturbation, dropout,
+    SpecAugment and a data-loader worker all draw random numbers along the way)."""
+    manifest = tmp_path / "train.jsonl"
+    write_manifest(tiny_rows, manifest)
+    straight = tmp_path / "straight"
+    done = start_training(manifest, straight)
+    assert done.wait(timeout=300) == 0, done.stderr.read()[-2000:]
+    total = load_model_file(straight / "last.pt")["train_state"]["step"]
+    assert total == 120
+
+    termed = tmp_path / "termed"
+    process = start_training(manifest, termed)
+    wait_for_steps(termed, 10, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    state = load_model_file(termed / "last.pt")["train_state"]
+    assert f"stopped by SIGTERM at step {state['step']}" in stderr and "Traceback" not in stderr
+    assert 10 <= state["step"] < total
+    assert [r["step"] for r in read_log(termed / "log.csv") if r["loss"]][-1] == str(state["step"])
+
+    killed = tmp_path / "killed"
+    process = start_training(manifest, killed)
+    wait_for_steps(killed, 30, process)
+    process.kill()  # SIGKILL: no handler runs, nothing is saved on the way out
+    process.communicate(timeout=60)
+    assert load_model_file(killed / "last.pt")["train_state"]["step"] < total
+
+    for exp in (termed, killed):
+        resumed = start_training(manifest, exp)
+        _, stderr = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0 and "resuming from" in stderr, stderr[-2000:]
+        assert comparable(exp) == comparable(straight)
+        a, b = load_model_file(straight / "last.pt"), load_model_file(exp / "last.pt")
+        for key, value in a["model"].items():
+            assert torch.equal(b["model"][key], value), key
