@@ -87,6 +87,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for the model on CUDA and on CPUs with native bf16
                         # (AVX512-BF16/AMX); features and the CTC loss stay fp32
     log_every: int = 25
+    tensorboard: bool = True  # also log to EXP_DIR/tensorboard/ (tensorboard --logdir EXP_DIR)
     save_every: int = 500  # steps between mid-epoch `last.pt` files
 
 
@@ -265,13 +266,13 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
             out["train_state"] = {
                 "config": to_dict(config), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
                 "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "elapsed": elapsed,
-                "best": best, "log_rows": log_csv.rows,
+                "best": best, "log_rows": run_log.rows,
             }
         return out
 
     dataset = SpeechDataset(train_rows, tokenizer, speeds=config.data.speeds, seed=config.seed)
     ctc = torch.nn.CTCLoss(blank=tokenizer.blank_id, reduction="sum", zero_infinity=True)
-    log_csv = _CsvLog(exp_dir / "log.csv", keep_rows=log_rows)
+    run_log = _RunLog(exp_dir, keep_rows=log_rows, tensorboard=config.tensorboard)
     log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch "
              "(padding efficiency %.1f%%), %d epochs%s, device %s", model.num_parameters() / 1e6,
              len(train_rows), sum(r.duration for r in train_rows) / 3600, sampler.batches_per_epoch,
@@ -281,9 +282,10 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
     skipped = {"non-finite loss": 0, "out of memory": 0}  # batches left out, by reason
     unreadable: set[str] = set()  # audio files that failed to load mid-training (warned once each)
 
-    def train_step(batch: dict) -> float | None:
-        """One optimizer step on `batch`; its loss, or None when the loss is not finite. Its
-        tensors die with this frame, so an out-of-memory error leaves nothing behind."""
+    def train_step(batch: dict) -> tuple[float, float] | None:
+        """One optimizer step on `batch`: (loss, gradient norm before clipping), or None when the
+        loss is not finite. Its tensors die with this frame, so an out-of-memory error leaves
+        nothing behind."""
         waves = batch["waves"].to(device, non_blocking=True)
         feats, frames = log_mel(waves, batch["wave_lengths"].to(device))
         if epoch >= config.specaugment_from_epoch:
@@ -296,11 +298,11 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
         if not torch.isfinite(loss):
             return None
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip, foreach=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip, foreach=True)
         optimizer.step()
-        return loss.item()
+        return loss.item(), grad_norm.item()
 
-    window = {"loss": 0.0, "losses": 0, "audio": 0.0, "seconds": 0.0}  # since the last log line
+    window = {"loss": 0.0, "grad_norm": 0.0, "losses": 0, "audio": 0.0, "seconds": 0.0}  # since the last log line
     with _StopOnSignal() as stop:
         while epoch < config.epochs and fraction_done() < 1.0:
             model.train()
@@ -323,9 +325,9 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
                     for group in optimizer.param_groups:
                         group["lr"] = config.optim.lr * lr_factor(step, fraction_done(), config.optim)
                     try:
-                        loss, out_of_memory = train_step(batch), False
+                        result, out_of_memory = train_step(batch), False
                     except torch.OutOfMemoryError:
-                        loss, out_of_memory = None, True
+                        result, out_of_memory = None, True
                     if out_of_memory:  # handled out here, once the step's tensors are freed
                         optimizer.zero_grad(set_to_none=True)
                         torch.cuda.empty_cache()
@@ -333,10 +335,11 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
                         log.warning("step %d: out of memory on %d utterances (%.0f s of audio); batch "
                                     "skipped (lower data.max_batch_seconds if this repeats)", step + 1,
                                     len(batch["ids"]), batch["wave_lengths"].sum().item() / SAMPLE_RATE)
-                    elif loss is None:
+                    elif result is None:
                         skipped["non-finite loss"] += 1
                     else:
-                        window["loss"] += loss
+                        window["loss"] += result[0]
+                        window["grad_norm"] += result[1]
                         window["losses"] += 1
                     step += 1
                 now = time.perf_counter()
@@ -346,10 +349,11 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
                 window["audio"] += batch["wave_lengths"].sum().item() / SAMPLE_RATE
                 if batch["ids"] and step % config.log_every == 0:
                     speed = window["audio"] / max(window["seconds"], 1e-9)
-                    loss_mean = window["loss"] / max(window["losses"], 1)
+                    trained = max(window["losses"], 1)
+                    loss_mean, grad_mean = window["loss"] / trained, window["grad_norm"] / trained
                     lr = optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{speed:.0f}")
-                    log_csv.write(step=step, epoch=epoch + 1, loss=loss_mean, lr=lr,
+                    run_log.write(step=step, epoch=epoch + 1, loss=loss_mean, lr=lr, grad_norm=grad_mean,
                                   audio_sec_per_sec=speed, minutes=elapsed / 60)
                     window = dict.fromkeys(window, 0)
                 if stop.signal is not None:
@@ -368,11 +372,12 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
                 epoch, batch_in_epoch = epoch + 1, 0
             if stop.signal is not None:  # saved where it stands; the same command resumes from here
                 save_model_file(payload(with_state=True), last)
-                log_csv.close()
+                run_log.close()
                 raise TrainingInterrupted(stop.signal, step, last)
 
             rates = evaluate_dev(model, log_mel, tokenizer, dev_rows, device, progress)
-            log_csv.write(step=step, epoch=epoch, dev_wer=rates.wer, dev_cer=rates.cer, minutes=elapsed / 60)
+            run_log.write(step=step, epoch=epoch, dev_wer=rates.wer, dev_cer=rates.cer, minutes=elapsed / 60)
+            run_log.plot()
             log.info("epoch %d: dev WER %.2f%%  CER %.2f%%  (%d utterances, %.1f min trained)", epoch,
                      100 * rates.wer, 100 * rates.cer, len(rates.utterances), elapsed / 60)
             if rates.cer < best["cer"]:
@@ -380,9 +385,9 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
                 save_model_file(payload(with_state=False), exp_dir / "best.pt")
             save_model_file(payload(with_state=True), last)
             if stop.signal is not None:
-                log_csv.close()
+                run_log.close()
                 raise TrainingInterrupted(stop.signal, step, last)
-    log_csv.close()
+    run_log.close()
     return best
 
 
@@ -406,36 +411,73 @@ def evaluate_dev(model: BiLSTMCTC, log_mel: LogMel, tokenizer: CharTokenizer, ro
     return rates
 
 
-class _CsvLog:
-    """log.csv: one row per logged step or dev evaluation, blank where a column does not apply.
+class _RunLog:
+    """What training reports, in three views of the same numbers:
+
+    - log.csv: one row per logged step or dev evaluation, blank where a column does not apply;
+    - tensorboard/: the same scalars as TensorBoard events (train/*, dev/* in %);
+    - curves.png: the learning curves, redrawn after every dev evaluation.
 
     Opened with `keep_rows` (the count saved with the model file resumed from), it keeps that
     many rows and drops any written after (by a run killed before its next save), so a resumed
-    run's log reads as if it had never stopped. `keep_rows=None` keeps every row.
+    run's log reads as if it had never stopped; TensorBoard hides the dropped steps the same way.
     """
 
-    COLUMNS = ["step", "epoch", "minutes", "loss", "lr", "audio_sec_per_sec", "dev_wer", "dev_cer"]
+    COLUMNS = ["step", "epoch", "minutes", "loss", "lr", "grad_norm", "audio_sec_per_sec", "dev_wer", "dev_cer"]
+    PLOT_EVERY = 120.0  # seconds: a tiny model's epochs take less than drawing the picture
+    TENSORBOARD = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+                   "audio_sec_per_sec": "train/audio_sec_per_sec", "dev_wer": "dev/wer_percent",
+                   "dev_cer": "dev/cer_percent"}
 
-    def __init__(self, path: Path, keep_rows: int | None):
+    def __init__(self, exp_dir: Path, keep_rows: int, tensorboard: bool = True):
+        self.path, self.png = exp_dir / "log.csv", exp_dir / "curves.png"
         kept = []
-        if keep_rows != 0 and path.exists():
-            with open(path, newline="") as f:
-                kept = list(csv.DictReader(f))
-            kept = kept if keep_rows is None else kept[:keep_rows]
-        self.file = open(path, "w", newline="")
+        if keep_rows and self.path.exists():
+            with open(self.path, newline="") as f:
+                kept = [{k: v for k, v in row.items() if k in self.COLUMNS} for row in csv.DictReader(f)][:keep_rows]
+        self.file = open(self.path, "w", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
         self.writer.writeheader()
         self.writer.writerows(kept)
         self.file.flush()
         self.rows = len(kept)
+        self.plotted = -math.inf
+        self.events = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            last_step = int(kept[-1]["step"]) if kept else 0
+            self.events = SummaryWriter(exp_dir / "tensorboard", purge_step=last_step + 1 if kept else None)
 
     def write(self, **values) -> None:
         self.writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()})
         self.file.flush()
         self.rows += 1
+        if self.events is not None:
+            for key, tag in self.TENSORBOARD.items():
+                if key in values:
+                    self.events.add_scalar(tag, 100 * values[key] if key.startswith("dev_") else values[key],
+                                           values["step"])
+            self.events.flush()
+
+    def plot(self, now: bool = False) -> None:
+        """Redraw curves.png, at most every PLOT_EVERY seconds unless `now`; a drawing failure
+        (a missing font, a full disk) is only a warning."""
+        from asr.plots import plot_curves
+
+        if not now and time.monotonic() - self.plotted < self.PLOT_EVERY:
+            return
+        try:
+            plot_curves(self.path, self.png, title=self.path.parent.name)
+        except Exception as e:  # noqa: BLE001 - the picture must never stop training
+            log.warning("could not draw %s: %s", self.png, e)
+        self.plotted = time.monotonic()
 
     def close(self) -> None:
         self.file.close()
+        self.plot(now=True)
+        if self.events is not None:
+            self.events.close()
 
 
 class TrainingInterrupted(Exception):

@@ -124,6 +124,30 @@ def test_training_writes_models_and_log(tiny_rows, tmp_path):
     assert [(r["step"], r["epoch"]) for r in rows if r["dev_cer"]] == [("2", "1"), ("4", "2")]
 
 
+def test_training_logs_to_tensorboard_csv_and_a_picture(tiny_rows, tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = tmp_path / "exp"
+    train(tiny_config("epochs=3", "data.max_batch_size=2"), tiny_rows, tiny_rows, exp, progress=False)
+    rows = read_log(exp / "log.csv")
+    steps = [r for r in rows if r["loss"]]
+    assert all(float(r["grad_norm"]) > 0 for r in steps) and len(steps) == 6
+    events = EventAccumulator(str(exp / "tensorboard")).Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "train/grad_norm", "train/audio_sec_per_sec",
+                                             "dev/wer_percent", "dev/cer_percent"}
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [int(r["step"]) for r in steps]
+    assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in steps], rel=1e-3)
+    cer = events.Scalars("dev/cer_percent")
+    assert [e.value for e in cer] == pytest.approx([100 * float(r["dev_cer"]) for r in rows if r["dev_cer"]], rel=1e-3)
+    with Image.open(exp / "curves.png") as image:
+        assert image.format == "PNG" and image.size[0] > 800 and image.size[1] > 500
+    # Without TensorBoard, the CSV and the picture are still there.
+    train(tiny_config("epochs=1", "tensorboard=false"), tiny_rows, tiny_rows, tmp_path / "plain", progress=False)
+    assert not (tmp_path / "plain" / "tensorboard").exists() and (tmp_path / "plain" / "curves.png").is_file()
+
+
 def test_unusable_rows_are_listed_in_the_experiment_folder(tiny_rows, tmp_path):
     exp = tmp_path / "exp"
     rows = tiny_rows + [Utterance("gone", str(tmp_path / "gone.wav"), 0.5, "AB"),
