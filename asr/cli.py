@@ -1,4 +1,4 @@
-"""The `asr` command: prepare, train, validate, transcribe, evaluate, lm, tune-lm.
+"""The `asr` command: prepare, train, validate, transcribe, evaluate, align, lm, tune-lm.
 
 The library raises; this module decides: it prints one line per bad input, goes on with the
 others where that makes sense, and exits non-zero when anything failed.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from asr.decode import DEFAULT_BEAM_SIZE, DEFAULT_LM_WEIGHT, DEFAULT_UNK_LOGP, DEFAULT_WORD_BONUS
 from asr.errors import ASRError
-from asr.transcribe import TUNE_LM_WEIGHTS, TUNE_WORD_BONUSES
+from asr.transcribe import CHUNK_SECONDS, CONTEXT_SECONDS, TUNE_LM_WEIGHTS, TUNE_WORD_BONUSES
 
 log = logging.getLogger("asr")
 
@@ -168,24 +168,51 @@ def build_parser() -> argparse.ArgumentParser:
                    "line; srt/vtt: subtitles")
     p.add_argument("--output-dir", type=Path,
                    help="write OUTPUT_DIR/<file stem>.<format> for each file instead of printing")
+    p.add_argument("--chunk-seconds", type=float, default=CHUNK_SECONDS, metavar="S",
+                   help=f"audio longer than S seconds is read a piece at a time and heard in windows of "
+                   f"S seconds, each overlapping the next by {2 * CONTEXT_SECONDS:g} s ({CONTEXT_SECONDS:g} s "
+                   f"of context either side of a cut, heard but not kept), so an hour takes no more "
+                   f"memory than a minute; the text and timestamps run on across the windows. More than "
+                   f"{2 * CONTEXT_SECONDS:g} (default %(default)g)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
     _add_decoding_options(p)
     p.set_defaults(run=_transcribe)
 
     p = sub.add_parser("evaluate", help="WER/CER of a model on manifests",
                        description="Decode manifests and score them: corpus WER and CER after text "
-                       "normalisation, printed as a table, and per manifest a file of every utterance "
-                       "(id, reference, hypothesis, errors), worst first.")
+                       "normalisation, printed as a table, and per manifest, in the report folder: "
+                       "<manifest>.errors.jsonl (every utterance's id, reference, hypothesis and errors, "
+                       "worst first) and an error report, <manifest>.report.md for people and "
+                       "<manifest>.report.json for tools (substitutions, deletions and insertions of words "
+                       "and characters, the most frequent confusions, WER by speaker and by duration, "
+                       "every utterance's aligned reference and hypothesis).")
     p.add_argument("--model", required=True, type=Path, help="model file (.pt)")
     p.add_argument("--manifest", required=True, type=Path, nargs="+", help="manifest(s) to decode and score")
     p.add_argument("--report-dir", type=Path,
-                   help="folder for <manifest>.errors.jsonl (default: the model file's folder)")
+                   help="folder for <manifest>.errors.jsonl, .report.md and .report.json (default: the "
+                   "model file's folder)")
     p.add_argument("--results", type=Path, metavar="FILE",
                    help="also write the table as markdown to FILE (e.g. EXP_DIR/RESULTS.md), with the "
                    "date, the code's git commit, the model's size and configuration, and the decoder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
     _add_decoding_options(p)
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("align", help="draw what the model hears in one file",
+                       description="Draw one audio file's log-mel spectrogram, the model's CTC posteriors "
+                       "(posteriorgram) and the words, placed by CTC alignment, on one time axis, as a PNG. "
+                       "The words are the decoded text's, or with --text a reference transcript's (forced "
+                       "alignment): where the model hears each reference word, and where it does not.",
+                       epilog="examples:\n  asr align --model exp/demo/best.pt a.flac -o a.png\n"
+                       "  asr align --model exp/demo/best.pt a.flac --text \"the reference words\" -o a.png",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path, help="model file (.pt)")
+    p.add_argument("audio", type=Path, help="audio file (a few seconds to a minute draws best)")
+    p.add_argument("-o", "--out", type=Path, help="PNG to write (default: <audio stem>.align.png here)")
+    p.add_argument("--text", help="align this reference transcript instead of the decoded text")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
+    _add_decoding_options(p)
+    p.set_defaults(run=_align)
 
     p = sub.add_parser("lm", help="build a word n-gram language model",
                        description="Word n-gram language models for beam search.")
@@ -378,7 +405,8 @@ def _transcribe(args) -> int:
     fmt = args.format or ("json" if args.timestamps else "txt")
     if fmt in ("srt", "vtt") and len(args.audio) > 1 and args.output_dir is None:
         raise ASRError(f"--format {fmt} with several files needs --output-dir (one subtitle file each)")
-    transcriber = load_model(args.model, device=args.device, **_decoding_options(args))
+    transcriber = load_model(args.model, device=args.device, chunk_seconds=args.chunk_seconds,
+                             **_decoding_options(args))
     if args.output_dir:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -413,6 +441,7 @@ def _set_names(manifests: list[Path]) -> list[str]:
 def _evaluate(args) -> int:
     from asr.data import scan_manifest
     from asr.metrics import write_report
+    from asr.report import error_report, write_error_report
     from asr.transcribe import load_model
 
     transcriber = load_model(args.model, device=args.device, **_decoding_options(args))
@@ -431,8 +460,11 @@ def _evaluate(args) -> int:
         for f in failures:
             print(f"asr evaluate: error: {f.message}", file=sys.stderr)
         failed += len(failures)
-        report = (args.report_dir or args.model.parent) / f"{name}.errors.jsonl"
+        report_dir = args.report_dir or args.model.parent
+        report = report_dir / f"{name}.errors.jsonl"
         write_report(rates, report)
+        write_error_report(error_report(rates, {r.id: r.duration for r in rows}, name),
+                           report_dir / f"{name}.report.md", report_dir / f"{name}.report.json")
         table.append((name, len(rates.utterances), rates.words, rates.wer, rates.cer, report))
     rows = ["| set | utterances | words | WER % | CER % | per-utterance errors |",
             "|---|---:|---:|---:|---:|---|"]
@@ -479,6 +511,19 @@ def _describe(decoder) -> str:
     if settings is None:
         return "greedy"
     return ", ".join(f"{k}={v}" for k, v in settings().items() if v is not None)
+
+
+def _align(args) -> int:
+    from asr.plots import draw_alignment
+    from asr.transcribe import load_model
+
+    transcriber = load_model(args.model, device=args.device, **_decoding_options(args))
+    out = args.out or Path(f"{args.audio.stem}.align.png")
+    text, words, png = draw_alignment(transcriber, args.audio, out, text=args.text)
+    print(f"{args.audio}\t{text}\t-> {png}")
+    for w in words:
+        print(f"  {w.start:7.2f} {w.end:7.2f}  {w.confidence:4.2f}  {w.word}")
+    return 0
 
 
 def _lm_build(args) -> int:

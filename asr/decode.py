@@ -37,6 +37,9 @@ DEFAULT_BEAM_SIZE = 50
 DEFAULT_LM_WEIGHT = 0.8
 DEFAULT_WORD_BONUS = 1.0
 DEFAULT_UNK_LOGP = -30.0  # ln-probability of a word the LM lacks: rare enough to need clear acoustics
+# Prefix nodes made before the search first drops those no hypothesis descends from: 64k nodes
+# are ~6 MB, and an utterance of LibriSpeech's length never makes that many.
+COMPACT_NODES = 1 << 16
 
 
 class Decoder(Protocol):
@@ -259,11 +262,45 @@ def _add(node, add_b, add_nb, slot, nb_node, nb_pb, nb_pnb, n_next):
 
 
 @numba.njit(nogil=True, cache=True)
+def _compact(beam, nodes, scores, n_nodes, V):
+    """Keep only the prefixes in `beam` and their ancestors, renumbered in the order they were
+    made (a parent before its children), and rebuild the child index over them; `beam` is
+    renumbered in place. A node dropped here is one no surviving prefix can reach again but
+    by extending its parent anew, which makes it afresh with the same contents, so the search
+    goes on exactly as before. Returns (nodes, scores, node count, kids)."""
+    keep = np.zeros(n_nodes, np.bool_)
+    keep[0] = True
+    for i in range(beam.shape[0]):
+        n = beam[i]
+        while not keep[n]:
+            keep[n] = True
+            n = nodes[n, PARENT]
+    new_id = np.full(n_nodes, -1, np.int64)
+    m = 0
+    for n in range(n_nodes):  # rows move down only, so none is overwritten before it is read
+        if keep[n]:
+            new_id[n] = m
+            nodes[m, :] = nodes[n, :]
+            scores[m, :] = scores[n, :]
+            if m > 0:
+                nodes[m, PARENT] = new_id[nodes[m, PARENT]]
+            m += 1
+    kids = numba.typed.Dict.empty(numba.int64, numba.int64)
+    for k in range(1, m):
+        kids[nodes[k, PARENT] * V + nodes[k, TOKEN]] = k
+    for i in range(beam.shape[0]):
+        beam[i] = new_id[beam[i]]
+    return nodes, scores, m, kids
+
+
+@numba.njit(nogil=True, cache=True)
 def _prefix_search(lp, blank, space, beam_size, token_min_logp, beam_prune_logp,
                    use_trie, lexicon_only, t_keys, t_child, t_word, t_smear,
                    has_lm, n_words, l_keys, l_logp, l_next, l_backoff, l_suffix, bos_state, eos,
-                   unk_logp, alpha, beta):
-    """Best token sequence (spaces included, blanks and repeats gone) for log-probs (T, V)."""
+                   unk_logp, alpha, beta, compact_nodes):
+    """Best token sequence (spaces included, blanks and repeats gone) for log-probs (T, V).
+    Once `compact_nodes` prefix nodes exist, those no beam entry descends from are dropped
+    (_compact), and again whenever the count doubles what was kept."""
     T, V = lp.shape
     neg = -np.inf
     nodes = np.empty((1024, 4), np.int64)
@@ -273,6 +310,7 @@ def _prefix_search(lp, blank, space, beam_size, token_min_logp, beam_prune_logp,
     n_nodes = 1
     kids = numba.typed.Dict.empty(numba.int64, numba.int64)
     slot = np.full(1024, -1, np.int64)
+    compact_at = compact_nodes
 
     beam = np.zeros(1, np.int64)
     pb = np.zeros(1)
@@ -330,6 +368,11 @@ def _prefix_search(lp, blank, space, beam_size, token_min_logp, beam_prune_logp,
             keep += 1
         order = order[:keep]
         beam, pb, pnb = nb_node[order].copy(), nb_pb[order].copy(), nb_pnb[order].copy()
+        # Every extension tried makes a node, so over a long file (an hour is 90k frames) the
+        # table would grow by MBs a minute; the prefixes alive are only the beam's ancestry.
+        if n_nodes >= compact_at:
+            nodes, scores, n_nodes, kids = _compact(beam, nodes, scores, n_nodes, V)
+            compact_at = max(compact_nodes, 2 * n_nodes)
 
     # Finish. A prefix ending in a space is the same text as the one before the space: pool them.
     ends = np.empty(beam.shape[0], np.int64)
@@ -449,7 +492,8 @@ class BeamSearchDecoder:
             trie.word if trie else np.full(1, NOT_A_WORD, np.int64), trie.smear if trie else no_f,
             lm is not None, lm.n_words if lm else 1, lm.keys if lm else no_i, lm.logp if lm else no_f,
             lm.next if lm else no_i, lm.backoff if lm else no_f, lm.suffix if lm else no_i,
-            lm.bos_state if lm else 0, lm.eos if lm else -1, self.unk_logp, self.lm_weight, self.word_bonus)
+            lm.bos_state if lm else 0, lm.eos if lm else -1, self.unk_logp, self.lm_weight, self.word_bonus,
+            COMPACT_NODES)
         return ids.tolist(), float(score)
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:

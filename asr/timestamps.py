@@ -23,9 +23,15 @@ import numpy as np
 from asr.text import CharTokenizer
 
 # Back-pointers kept in memory at once: above this, the alignment is recomputed in segments
-# from saved score columns (checkpointing), so an hour of audio needs O(S * sqrt(T)) memory
-# instead of the O(S * T) of a full table (S = 2U + 1 states, T frames).
+# from saved score columns (checkpointing), so it needs O(S * sqrt(T)) memory instead of the
+# O(S * T) of a full table (S = 2U + 1 states, T frames).
 MOVES_BUDGET_BYTES = 32 * 2**20
+# Above this many frame x state cells (2^24: about 3 minutes of speech), time O(S * T) is the
+# trouble: an hour (T = 90k frames, S ~ 100k states) would take minutes. The search then keeps
+# only the ALIGN_BAND states either side of each frame's best state (64 tokens, ~4 s of speech:
+# a decoder's text follows its frames far closer than that), O(T * ALIGN_BAND) time and bytes.
+EXACT_ALIGN_CELLS = 1 << 24
+ALIGN_BAND = 128
 
 # Subtitle conventions (BBC, Netflix style guides): one line of at most 42 characters, on
 # screen at most 7 seconds, and a new cue after a pause rather than text hanging over silence.
@@ -71,6 +77,23 @@ def ctc_align(log_probs: np.ndarray, token_ids: list[int], blank: int) -> list[t
     can_skip = np.zeros(num_states, dtype=bool)  # may enter from two states back (over a blank)
     can_skip[3::2] = tokens[1:] != tokens[:-1]
 
+    path = None  # state at each frame
+    if num_frames * num_states > EXACT_ALIGN_CELLS:
+        path = _banded_path(log_probs, states, can_skip, ALIGN_BAND)
+    if path is None:
+        path = _exact_path(log_probs, states, can_skip)
+
+    # The path never decreases and visits every token state, so each token's frames are one run.
+    token_states = 2 * np.arange(len(tokens)) + 1
+    first = np.searchsorted(path, token_states, side="left")
+    last = np.searchsorted(path, token_states, side="right") - 1
+    return [(int(a), int(b)) for a, b in zip(first, last)]
+
+
+def _exact_path(log_probs: np.ndarray, states: np.ndarray, can_skip: np.ndarray) -> np.ndarray:
+    """The best path's state at each frame, over all S states (checkpointed, see
+    MOVES_BUDGET_BYTES); ValueError when every path has probability zero."""
+    num_frames, num_states = len(log_probs), len(states)
     # Before frame 0 the path stands on the first blank; frame 0 may stay there or enter t1.
     start = np.full(num_states, -np.inf)
     start[0] = 0.0
@@ -96,12 +119,65 @@ def ctc_align(log_probs: np.ndarray, token_ids: list[int], blank: int) -> list[t
         for t in range(len(frames) - 1, -1, -1):
             path[t0 + t] = state
             state -= int(moves[t, state])  # int: a uint8 would wrap past state 255
+    return path
 
-    # The path never decreases and visits every token state, so each token's frames are one run.
-    token_states = 2 * np.arange(len(tokens)) + 1
-    first = np.searchsorted(path, token_states, side="left")
-    last = np.searchsorted(path, token_states, side="right") - 1
-    return [(int(a), int(b)) for a, b in zip(first, last)]
+
+def _banded_path(log_probs: np.ndarray, states: np.ndarray, can_skip: np.ndarray,
+                 band: int) -> np.ndarray | None:
+    """The best path's state at each frame among the paths that keep within `band` states of
+    each frame's best state: the exact path whenever that one never strays so far. States that
+    can no longer reach the end in the frames left are dropped first, so for finite log-probs
+    some path always survives; None when none does (a zero probability on the way).
+
+    Each frame's band is a run of states [low, low + width), width <= 2 * band + 1, and its
+    moves are stored one after the other: O(T * band) bytes, where the full table is O(T * S).
+    """
+    num_frames, num_states = len(log_probs), len(states)
+    need = _frames_to_finish(can_skip)
+    lows = np.empty(num_frames, dtype=np.int64)  # first state of each frame's band
+    offsets = np.zeros(num_frames + 1, dtype=np.int64)  # where each frame's moves begin
+    moves = np.empty(num_frames * (2 * band + 1), dtype=np.uint8)
+    low, scores = 0, np.zeros(1)  # before frame 0 the path stands on the first blank
+    for t in range(num_frames):
+        high = min(low + len(scores) + 2, num_states)  # a frame moves at most two states on
+        before = np.full(high - low + 2, -np.inf)  # before[k + 2]: state low + k at frame t - 1
+        before[2 : 2 + len(scores)] = scores
+        stay, from_one = before[2:], before[1:-1]
+        from_two = np.where(can_skip[low:high], before[:-2], -np.inf)
+        best = np.maximum(stay, from_one)
+        step = np.where(from_two > best, 2, from_one > stay)  # ties stay put, as in _viterbi
+        scores = np.maximum(best, from_two) + log_probs[t, states[low:high]]
+        scores[need[low:high] > num_frames - 1 - t] = -np.inf
+        top = int(np.argmax(scores))
+        if scores[top] == -np.inf:
+            return None
+        a, b = max(0, top - band), min(len(scores), top + band + 1)
+        lows[t], offsets[t + 1] = low + a, offsets[t] + b - a
+        moves[offsets[t] : offsets[t + 1]] = step[a:b]
+        low, scores = low + a, scores[a:b]
+
+    # The path ends on the last token or the blank after it (the only states left finite).
+    end = np.full(2, -np.inf)  # scores of the last token and the last blank
+    for k, s in enumerate((num_states - 2, num_states - 1)):
+        if low <= s < low + len(scores):
+            end[k] = scores[s - low]
+    if end.max() == -np.inf:
+        return None
+    state = num_states - 1 if end[1] >= end[0] else num_states - 2
+    path = np.empty(num_frames, dtype=np.int64)
+    for t in range(num_frames - 1, -1, -1):
+        path[t] = state
+        state -= int(moves[offsets[t] + state - lows[t]])
+    return path
+
+
+def _frames_to_finish(can_skip: np.ndarray) -> np.ndarray:
+    """(S,) the fewest frames after standing on each state before standing on a final one (the
+    last token or the blank after it): a frame a state, skipping blanks where allowed."""
+    need = np.zeros(len(can_skip), dtype=np.int64)
+    for s in range(len(can_skip) - 3, -1, -1):
+        need[s] = 1 + min(need[s + 1], need[s + 2] if can_skip[s + 2] else need[s + 1])
+    return need
 
 
 def _viterbi(log_probs: np.ndarray, scores: np.ndarray, states: np.ndarray, can_skip: np.ndarray,

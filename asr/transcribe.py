@@ -1,18 +1,33 @@
 """Audio -> text with a trained model: one file, a waveform array, or a whole manifest.
 
     audio --load_audio--> (N,) float32 @16 kHz --LogMel--> (T, 80) --model--> (T', V) --decoder--> text
+
+Long audio (over `chunk_seconds`) is read a block at a time (audio.stream_audio) and heard in
+overlapping windows of `chunk_seconds`; of each window's (T_w, V) log-probs only the middle is
+kept, `context_seconds` away from the window's cut edges, where a bidirectional model has heard
+enough on both sides. The kept pieces, joined, are the whole file's (T', V) log-probs (small:
+25 frames x V floats a second at 40 ms frames, 10 MB an hour), decoded once as for short audio,
+so the text runs on across the seams and timestamps come out as usual:
+
+    window k:  |-- context --|------ kept ------|-- context --|      (the first keeps its start,
+    window k+1:                 |-- context --|------ kept ------|--   the last its end)
+
+Windows start on whole output frames (subsampling x HOP_LENGTH samples), so frame j of window
+k is frame j + k * step of the file, exactly.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from asr.audio import SAMPLE_RATE, load_audio, resample, to_mono
+from asr.audio import SAMPLE_RATE, audio_duration, load_audio, resample, stream_audio, to_mono, windows
 from asr.checkpoint import load_model_file
 from asr.data import BucketBatchSampler, Utterance
 from asr.decode import DEFAULT_BEAM_SIZE, DEFAULT_UNK_LOGP, Decoder, build_decoder
@@ -38,19 +53,44 @@ class Failure:
     message: str
 
 
+# Long audio (see the module docstring). A window of CHUNK_SECONDS is as long as LibriSpeech's
+# longest utterances (~35 s), a length the model has trained on, and its activations are a few
+# MB. CONTEXT_SECONDS is what each side of a cut needs: a bidirectional RNN's memory fades over
+# seconds, not minutes. Together they cost 30 / 22 = 1.36x the model time of one pass.
+CHUNK_SECONDS = 30.0
+CONTEXT_SECONDS = 4.0
+
+
 class Transcriber:
-    """A model with its features and decoder, ready to turn audio into text."""
+    """A model with its features and decoder, ready to turn audio into text.
+
+    Audio longer than `chunk_seconds` is heard in windows of that length, `context_seconds` of
+    each cut edge heard but not kept (see the module docstring); memory then stays flat however
+    long the file.
+    """
 
     def __init__(self, model: BiLSTMCTC, log_mel: LogMel, tokenizer: CharTokenizer,
-                 decoder: Decoder, device: torch.device):
+                 decoder: Decoder, device: torch.device, chunk_seconds: float = CHUNK_SECONDS,
+                 context_seconds: float = CONTEXT_SECONDS):
         self.model, self.log_mel = model.to(device).eval(), log_mel.to(device).eval()
         self.tokenizer, self.decoder, self.device = tokenizer, decoder, device
+        self.chunk_seconds, self.context_seconds = float(chunk_seconds), float(context_seconds)
+        if not 0 <= 2 * self.context_seconds < self.chunk_seconds < math.inf:
+            raise ConfigError(f"chunk_seconds={chunk_seconds:g} must be more than twice context_seconds="
+                              f"{context_seconds:g} (a window keeps what lies between its two contexts)")
+        # Window and context in output frames, so that windows start on whole frames; a window
+        # keeps at least one frame however the seconds round.
+        self.context_frames = round(self.context_seconds * SAMPLE_RATE / self.frame_samples)
+        self.chunk_frames = max(int(self.chunk_seconds * SAMPLE_RATE // self.frame_samples),
+                                2 * self.context_frames + 1)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str = "auto", decoder: str | None = None,
+                  chunk_seconds: float = CHUNK_SECONDS, context_seconds: float = CONTEXT_SECONDS,
                   **decoder_options) -> Transcriber:
         """Load a model file. It decodes as its saved settings say (greedy if none); `decoder`
-        and any option given (not None) override them, and an `lm` alone implies beam search."""
+        and any option given (not None) override them, and an `lm` alone implies beam search.
+        `chunk_seconds` and `context_seconds`: see the class."""
         payload = load_model_file(path)
         try:
             tokenizer = CharTokenizer(payload["tokens"][1:])
@@ -61,12 +101,18 @@ class Transcriber:
         except (TypeError, KeyError, RuntimeError, ASRError) as e:
             raise ModelFileError(f"{path}: model file does not match this asr ({e})") from None
         name, options = decoding_settings(payload.get("decoding"), decoder, decoder_options)
-        return cls(model, log_mel, tokenizer, build_decoder(name, tokenizer, **options), pick_device(device))
+        return cls(model, log_mel, tokenizer, build_decoder(name, tokenizer, **options), pick_device(device),
+                   chunk_seconds=chunk_seconds, context_seconds=context_seconds)
+
+    @property
+    def frame_samples(self) -> int:
+        """Audio samples per output frame (the feature hop times the subsampling)."""
+        return self.model.config.subsampling * HOP_LENGTH
 
     @property
     def frame_seconds(self) -> float:
         """Seconds of audio per output frame (the feature hop times the subsampling)."""
-        return self.model.config.subsampling * HOP_LENGTH / SAMPLE_RATE
+        return self.frame_samples / SAMPLE_RATE
 
     @torch.inference_mode()
     def log_probs(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,14 +134,66 @@ class Transcriber:
         by aligning the decoded text to the model's frames."""
         from asr.timestamps import word_timestamps
 
-        wave = self._wave(audio, sample_rate)
-        if len(wave) == 0:
+        heard = self.audio_log_probs(audio, sample_rate)
+        if heard is None:
             return "", []
-        log_probs, lengths = self.log_probs([wave])
-        text = self.decoder(log_probs, lengths)[0]
-        words = word_timestamps(text, log_probs[0, : int(lengths[0])].numpy(), self.tokenizer,
-                                self.frame_seconds, duration=len(wave) / SAMPLE_RATE)
+        log_probs, seconds = heard
+        text = self._decode(log_probs)
+        words = word_timestamps(text, log_probs.numpy(), self.tokenizer, self.frame_seconds, duration=seconds)
         return text, words
+
+    def transcribe(self, audio: str | os.PathLike | np.ndarray, sample_rate: int | None = None) -> str:
+        """Text of an audio file, or of a waveform array (samples, or samples x channels)
+        recorded at `sample_rate` (required for arrays)."""
+        heard = self.audio_log_probs(audio, sample_rate)
+        return "" if heard is None else self._decode(heard[0])
+
+    def audio_log_probs(self, audio: str | os.PathLike | np.ndarray,
+                        sample_rate: int | None = None) -> tuple[torch.Tensor, float] | None:
+        """(T', V) log-probs of one file or waveform array (as for transcribe) and its duration
+        in seconds, or None when there is nothing to hear. Audio that fits in one window is heard
+        in one pass; a longer file is read a block at a time and heard window by window."""
+        if isinstance(audio, (str, os.PathLike)) and self._longer_than_a_chunk(audio):
+            return self.long_log_probs(stream_audio(audio, block_seconds=self.chunk_seconds))
+        wave = self._wave(audio, sample_rate)
+        # No samples, or digital silence (every sample 0): nothing was said. Asked anyway, a
+        # model that never heard all-zero features may spell a few letters there.
+        if not wave.any():
+            return None
+        if len(wave) > self.chunk_frames * self.frame_samples:  # an array: held, but not its activations
+            return self.long_log_probs([wave])
+        log_probs, lengths = self.log_probs([wave])
+        return log_probs[0, : int(lengths[0])], len(wave) / SAMPLE_RATE
+
+    def long_log_probs(self, blocks: Iterable[np.ndarray]) -> tuple[torch.Tensor, float] | None:
+        """(T', V) log-probs of audio given as consecutive 16 kHz mono blocks, and its duration in
+        seconds, heard in windows of chunk_seconds (see the module docstring): the frames one pass
+        would give, but for what the model remembers from beyond context_seconds away. None when
+        every sample is 0 (see audio_log_probs)."""
+        context, step = self.context_frames, self.chunk_frames - 2 * self.context_frames
+        kept, sound, end = [], False, 0
+        samples = self.frame_samples
+        for start, wave, last in windows(blocks, self.chunk_frames * samples, step * samples):
+            sound = sound or bool(wave.any())
+            log_probs, lengths = self.log_probs([wave])  # (1, T_w, V)
+            # Frame j of this window is frame j + start / frame_samples of the file.
+            first = context if start > 0 else 0
+            stop = int(lengths[0]) if last else context + step
+            kept.append(log_probs[0, first:stop])
+            end = start + len(wave)
+        if not sound:
+            return None
+        return torch.cat(kept), end / SAMPLE_RATE  # (T', V)
+
+    def _longer_than_a_chunk(self, path: str | os.PathLike) -> bool:
+        try:
+            return audio_duration(path) > self.chunk_seconds  # from the header: nothing decoded
+        except AudioError:
+            return False  # load_audio says what is wrong with it
+
+    def _decode(self, log_probs: torch.Tensor) -> str:
+        """Text of one utterance's (T', V) log-probs."""
+        return self.decoder(log_probs[None], torch.tensor([len(log_probs)]))[0]
 
     def _wave(self, audio, sample_rate: int | None) -> np.ndarray:
         if isinstance(audio, (str, os.PathLike)):
@@ -103,14 +201,6 @@ class Transcriber:
         if sample_rate is None:
             raise ValueError("transcribe(array) needs sample_rate= the rate it was recorded at")
         return resample(to_mono(np.asarray(audio, dtype=np.float32)), sample_rate, SAMPLE_RATE)
-
-    def transcribe(self, audio: str | os.PathLike | np.ndarray, sample_rate: int | None = None) -> str:
-        """Text of an audio file, or of a waveform array (samples, or samples x channels)
-        recorded at `sample_rate` (required for arrays)."""
-        wave = self._wave(audio, sample_rate)
-        if len(wave) == 0:
-            return ""
-        return self.transcribe_waves([wave])[0]
 
     def evaluate(self, rows: list[Utterance], max_batch_seconds: float = 200.0,
                  progress: bool = False) -> tuple[ErrorRates, list[str], list[Failure]]:
@@ -204,8 +294,11 @@ def decoding_settings(saved: dict | None, decoder: str | None, options: dict) ->
 
 
 def load_model(path: str | os.PathLike, device: str = "auto", decoder: str | None = None,
+               chunk_seconds: float = CHUNK_SECONDS, context_seconds: float = CONTEXT_SECONDS,
                **decoder_options) -> Transcriber:
     """Load a model file for transcription: `asr.load_model("exp/demo/best.pt").transcribe("a.flac")`.
     It decodes as the model file's saved settings say; `decoder="beam"`, `lm=...`, `lm_weight=...`
-    and the other BeamSearchDecoder options override them."""
-    return Transcriber.from_file(Path(path), device=device, decoder=decoder, **decoder_options)
+    and the other BeamSearchDecoder options override them. Audio longer than `chunk_seconds` is
+    heard in overlapping windows (see Transcriber)."""
+    return Transcriber.from_file(Path(path), device=device, decoder=decoder, chunk_seconds=chunk_seconds,
+                                 context_seconds=context_seconds, **decoder_options)

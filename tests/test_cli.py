@@ -139,7 +139,7 @@ def test_validate_lists_every_unusable_row(tmp_path, capsys):
     assert main(["validate", str(manifest), "--decode-audio", "--set", "data.max_duration=50"]) == 1
     out = capsys.readouterr().out
     assert "long: too long" not in out  # the limit comes from the training config
-    assert sum("cut: audio unreadable" in line and "cut.flac" in line for line in out.splitlines()) == 1
+    assert sum("cut: audio unreadable" in line and "cut.flac: truncated" in line for line in out.splitlines()) == 1
     assert sum("wrong: duration differs from the audio file's: 2.5 s in the manifest, 1.000 s" in line
                for line in out.splitlines()) == 1
     clean = tmp_path / "clean.jsonl"
@@ -226,6 +226,19 @@ def test_evaluate_scores_and_writes_the_report(trained, tmp_path):
     assert errors == sorted(errors, reverse=True)  # worst first
     chars = sum(r["chars"] for r in rows)
     assert 100 * sum(r["char_errors"] for r in rows) / chars == pytest.approx(cer, abs=0.01)
+    # The error report beside it: its totals are the printed table's.
+    error_report = json.loads((tmp_path / "reports" / "train.report.json").read_text())
+    summary = error_report["summary"]
+    assert summary["utterances"] == 8 and summary["words"]["reference"] == 22
+    assert f"{100 * summary['words']['rate']:.2f}" == table["train"]["WER %"]
+    assert f"{100 * summary['characters']['rate']:.2f}" == table["train"]["CER %"]
+    assert summary["characters"]["reference"] == chars
+    assert sorted(u["id"] for u in error_report["utterances"]) == sorted(trained.texts)
+    assert all(u["duration"] > 0 for u in error_report["utterances"])  # from the manifest
+    assert [b["utterances"] for b in error_report["by_speaker"]] == [8]  # ids "100-7-...": speaker 100
+    markdown = (tmp_path / "reports" / "train.report.md").read_text()
+    assert markdown.startswith("# Error report: train\n")
+    assert f"| words | 8 | 22 | {summary['words']['correct']} |" in markdown
 
 
 @pytest.mark.slow
@@ -251,6 +264,7 @@ def test_evaluate_goes_on_past_bad_inputs(trained, tmp_path):
     assert table["with-missing"]["utterances"] == "8"
     assert table["with-missing"]["CER %"] == table["train"]["CER %"]
     assert (trained.exp / "with-missing.errors.jsonl").is_file()  # default: beside the model
+    assert (trained.exp / "with-missing.report.md").is_file() and (trained.exp / "with-missing.report.json").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -247,3 +247,18 @@ def test_free_spelling_keeps_a_clearly_spoken_word_the_lm_lacks(arpa):
     # A mumbled OOV word loses to an LM word: G and T share the last letter's mass.
     lp = spoken("THE CAG", {6: {"G": 0.5, "T": 0.4}})
     assert beam(lp, beam_size=16, lm=arpa) == "THE CAT"
+
+
+def test_dropping_dead_prefixes_changes_nothing(arpa, monkeypatch):
+    """Over long audio the search drops the prefix nodes no hypothesis descends from (once
+    COMPACT_NODES exist): it must find the same text with the same score as keeping them all."""
+    from asr import decode
+
+    lp = sparse_log_probs(np.random.default_rng(0), 3000, "_ THECAB")[0].numpy()
+    for options in ({}, {"lm": arpa, "lm_weight": 0.5, "word_bonus": 1.0}):
+        decoder = BeamSearchDecoder(TOK, beam_size=8, num_workers=1, **options)
+        found = {}
+        for every in (1, 64, 1 << 62):  # each frame, now and then, never
+            monkeypatch.setattr(decode, "COMPACT_NODES", every)
+            found[every] = decoder.search(lp)
+        assert found[1] == found[64] == found[1 << 62] and len(found[1][0]) > 500

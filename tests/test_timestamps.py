@@ -243,3 +243,28 @@ def test_word_times_of_real_speech_after_added_silence():
         assert after is None or after.start >= w.end
     assert onset - 0.05 <= words[0].start <= onset + 0.3
     assert offset - 0.3 <= words[-1].end <= offset + 0.1
+
+
+def test_banded_alignment_of_long_audio_equals_the_full_one(monkeypatch):
+    """Past EXACT_ALIGN_CELLS only a band of states around each frame's best is searched. On
+    frames like a model's, and a text with letters the frames never favour (as an LM adds),
+    a band far narrower than the text must find the same path."""
+    rng = np.random.default_rng(0)
+    words = rng.choice(["THE", "CAT", "SAT", "ON", "A", "MAT", "HELLO"], size=300)
+    frames = "_".join(c * int(rng.integers(1, 3)) + BLANK * int(rng.integers(0, 4)) for c in " ".join(words))
+    noisy = log_probs(frames) + rng.normal(scale=2.0, size=(len(frames), len(TOK)))
+    lp = torch.from_numpy(noisy).log_softmax(-1).numpy()
+    spoken = " ".join("CART" if w == "CAT" and k % 5 == 0 else w for k, w in enumerate(words))  # R never heard
+    tokens = TOK.encode(spoken)
+    assert len(lp) * (2 * len(tokens) + 1) > timestamps.EXACT_ALIGN_CELLS // 8
+    monkeypatch.setattr(timestamps, "EXACT_ALIGN_CELLS", 1 << 62)
+    exact = ctc_align(lp, tokens, TOK.blank_id)
+    monkeypatch.setattr(timestamps, "EXACT_ALIGN_CELLS", 0)
+    for band in (8, timestamps.ALIGN_BAND):
+        monkeypatch.setattr(timestamps, "ALIGN_BAND", band)
+        assert ctc_align(lp, tokens, TOK.blank_id) == exact
+    # Where the band finds no path (a zero probability on the way), the full search decides.
+    with np.errstate(divide="ignore"):
+        surely_blank = np.log(np.eye(3)[[0, 0, 0]])
+    with pytest.raises(ValueError, match="non-zero probability"):
+        ctc_align(surely_blank, [1], blank=0)

@@ -7,8 +7,12 @@
 #   1  speak the corpus with espeak-ng/flite and write train/dev/test manifests
 #   2  train (resumes from exp/demo/last.pt)
 #   3  a 3-gram LM from the corpus's text-only share (no dev/test sentence in it)
-#   4  WER/CER tables for dev and test: greedy, then beam search with the LM
-#   5  transcribe one test file, with word timestamps as subtitles
+#   4  WER/CER tables for dev and test: greedy, then beam search with the LM; error reports
+#   5  transcribe one test file, with word timestamps as subtitles, and draw its alignment
+#
+# What to look at afterwards, in exp/demo/: curves.png (learning curves; or
+# `tensorboard --logdir exp/demo`), {dev,test}.report.md (error reports), align.png (what the
+# model hears in the transcribed file), RESULTS.md and RESULTS.beam_lm.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -25,7 +29,7 @@ while [ $# -gt 0 ]; do
     --data-dir) data=$2; shift 2 ;;
     --exp-dir) exp=$2; shift 2 ;;
     --set) overrides+=(--set "$2"); shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -66,4 +70,7 @@ if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   echo "reference:  $(head -n 1 "$data/test.jsonl" | sed -E 's/.*"text": "([^"]*)".*/\1/')"
   "$asr" transcribe --model "$exp/best.pt" "$wav"
   "$asr" transcribe --model "$exp/best.pt" --lm "$exp/lm/3gram.arpa" --format srt "$wav"
+  "$asr" align --model "$exp/best.pt" "$wav" -o "$exp/align.png" >/dev/null
+  echo "pictures: $exp/curves.png (learning curves), $exp/align.png (what the model hears);" \
+    "error reports: $exp/dev.report.md, $exp/test.report.md"
 fi
