@@ -6,8 +6,12 @@ torchaudio 2.9 no longer decodes files (it needs torchcodec), so decoding is lib
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +22,8 @@ import torch
 import torchaudio
 
 from asr.errors import AudioError
+
+log = logging.getLogger("asr.audio")
 
 SAMPLE_RATE = 16_000  # every model in asr hears 16 kHz mono
 # Rates a recording can have. Anything else is a damaged header: a flipped bit can claim 1 Hz
@@ -71,7 +77,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     """
     path = _check_path(path)
     try:
-        wave, sr = sf.read(path, dtype="float32", always_2d=True)
+        with decoder_messages(path):
+            wave, sr = sf.read(path, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise AudioError(f"{path}: cannot decode audio ({_reason(e)})") from None
     except MemoryError:  # the array is sized from the header, which a damaged MP3 can make 1e11
@@ -197,6 +204,32 @@ def windows(blocks: Iterable[np.ndarray], length: int, step: int) -> Iterator[tu
         held, start = held[step:], start + step
 
 
+@contextlib.contextmanager
+def decoder_messages(path: Path):
+    """Hold back what the decoding C libraries print straight to the process's stderr while
+    `path` is read (libmpg123 writes a line for every damaged MP3 frame it skips), and log it
+    as one warning naming the file: a damaged file that still decodes says so once, and a
+    batch of files keeps one line per problem."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedding host): nothing to hold back
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = [line.strip() for line in held.read().decode(errors="replace").splitlines() if line.strip()]
+            if lines:
+                log.warning("%s: the decoder reported damage, the audio may be incomplete (%d message(s), "
+                            "first: %s)", path, len(lines), lines[0])
+
+
 def _check_path(path: str | os.PathLike) -> Path:
     """`path` as a Path, or AudioError when it is missing, a folder or empty."""
     path = Path(path)
@@ -213,7 +246,8 @@ def _read_block(f: sf.SoundFile, path: Path, frames: int) -> np.ndarray:
     """The next `frames` samples of an open file (fewer at its end) as mono float32, checked as
     load_audio checks a whole file."""
     try:
-        wave = f.read(frames, dtype="float32", always_2d=True)
+        with decoder_messages(path):
+            wave = f.read(frames, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise AudioError(f"{path}: cannot decode audio ({_reason(e)})") from None
     return _checked_mono(path, wave)

@@ -176,3 +176,30 @@ def test_real_recordings_load_at_16k(real_samples):
         assert np.abs(wave).max() <= 1.0
         assert np.sqrt(np.mean(wave**2)) > 1e-3, f"{path} decodes to silence"
     assert {16000, 22050, 44100} <= rates
+
+
+def test_a_damaged_mp3_is_one_warning_not_a_screenful(tmp_path, capfd, caplog):
+    """libmpg123 prints a line to the process's stderr for each damaged frame it skips; they are
+    held back and become one warning naming the file, and the audio that decoded is returned."""
+    import logging
+
+    import soundfile as sf
+
+    path = tmp_path / "damaged.mp3"
+    sf.write(path, sine(440, 3.0), 16000, format="MP3")
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(1)
+    for i in rng.integers(len(data) // 4, len(data), 40):
+        data[i] = rng.integers(0, 256)
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="asr.audio"):
+        wave = load_audio(path)
+    assert 0 < len(wave) <= 3.1 * 16000 and np.isfinite(wave).all()  # what could be decoded
+    assert capfd.readouterr().err == ""
+    (record,) = [r for r in caplog.records if r.name == "asr.audio"]
+    assert str(path) in record.getMessage() and "reported damage" in record.getMessage()
+    # An intact file decodes without a word.
+    caplog.clear()
+    sf.write(tmp_path / "fine.mp3", sine(440, 1.0), 16000, format="MP3")
+    load_audio(tmp_path / "fine.mp3")
+    assert not caplog.records and capfd.readouterr().err == ""

@@ -113,7 +113,7 @@ def test_bad_manifest_line(tmp_path, capsys, restore_logging):
 
 
 def test_validate_lists_every_unusable_row(tmp_path, capsys):
-    good = write_audio(tmp_path / "good.flac", sine(440, 1.0))
+    write_audio(tmp_path / "good.flac", sine(440, 1.0))
     cut = tmp_path / "cut.flac"
     cut.write_bytes(write_audio(tmp_path / "whole.flac", sine(440, 3.0) + 0.01 * np.random.randn(48000).astype("float32"))
                     .read_bytes()[:3000])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate, read_manifest, scan_manifest, write_manifest
-from asr.errors import AudioError, ManifestError, TextError
+from asr.errors import ManifestError, TextError
 from asr.text import CharTokenizer
 from conftest import sine, write_audio
 
