@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -337,17 +338,24 @@ def _train(args) -> int:
 
     config = load_config(TrainConfig, args.config, args.overrides)
     args.exp_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(args.exp_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone reports
+    if main_process:
+        handler = logging.FileHandler(args.exp_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+    else:
+        logging.getLogger().setLevel(logging.WARNING)
     (train_rows, train_bad), (dev_rows, dev_bad) = scan_manifest(args.train), scan_manifest(args.dev)
     try:
         best = train(config, train_rows, dev_rows, args.exp_dir, resume=not args.no_resume,
                      progress=not args.no_progress, stats_only=args.stats_only,
                      found={"train": train_bad, "dev": dev_bad})
     except TrainingInterrupted as e:
-        print(f"asr train: {e}", file=sys.stderr)
+        if main_process:
+            print(f"asr train: {e}", file=sys.stderr)
         return 128 + e.signum  # as a shell reports a process ended by that signal
+    if not main_process:
+        return 0
     if args.stats_only:
         print(f"feature statistics -> {args.exp_dir / 'feature_stats.pt'}")
         return 0

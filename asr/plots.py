@@ -46,7 +46,8 @@ def plot_curves(log_csv: str | os.PathLike, out: str | os.PathLike, title: str |
 
     steps, loss = _series(rows, "step", "loss")
     loss_ax.plot(steps, loss, color="tab:blue", linewidth=1)
-    loss_ax.set_yscale("log")
+    if any(v > 0 for v in loss):
+        loss_ax.set_yscale("log")
     loss_ax.set_title("training loss (CTC, per utterance)")
     loss_ax.set_ylabel("loss")
 
@@ -72,7 +73,7 @@ def plot_curves(log_csv: str | os.PathLike, out: str | os.PathLike, title: str |
     grad_ax.plot(steps, grad, color="tab:purple", linewidth=1)
     grad_ax.set_title("gradient norm (before clipping)")
     grad_ax.set_ylabel("L2 norm")
-    if grad:
+    if any(v > 0 for v in grad):
         grad_ax.set_yscale("log")
     for ax, y in ((loss_ax, "loss"), (dev_ax, "dev_cer"), (lr_ax, "lr"), (grad_ax, "grad_norm")):
         if not any(y in r for r in rows):

@@ -10,9 +10,11 @@ is written every `save_every` steps and at each epoch's end, `best.pt` whenever 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -31,7 +34,8 @@ from asr.config import from_dict, to_dict
 from asr.data import BucketBatchSampler, Problem, SpeechDataset, Utterance, check_rows, collate
 from asr.decode import GreedyDecoder
 from asr.errors import AudioError, ConfigError, ManifestError
-from asr.features import FRAMES_PER_SECOND, LogMel, SpecAugment, SpecAugmentConfig, compute_stats
+from asr.features import (FRAMES_PER_SECOND, N_MELS, LogMel, SpecAugment, SpecAugmentConfig, compute_stats,
+                          num_frames)
 from asr.model import BiLSTMCTC, ModelConfig
 from asr.text import CharTokenizer
 from asr.transcribe import Transcriber, pick_device
@@ -51,6 +55,11 @@ class OptimConfig:
     decay_start: float = 0.7  # fraction of training after which the LR decays (cosine)
     final_lr: float = 0.05  # as a fraction of the peak
     grad_clip: float = 5.0
+    grad_accum: int = 1  # batches whose gradients make one step: the same step on a smaller GPU
+
+    def __post_init__(self):
+        if self.grad_accum < 1:
+            raise ConfigError(f"optim.grad_accum={self.grad_accum}: need 1 or more")
 
 
 @dataclass
@@ -189,9 +198,21 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
     The feature statistics come from `exp_dir/feature_stats.pt` when it exists, else they are
     computed and written there first; `stats_only` stops after that (a recipe stage of its own).
 
-    Returns the best dev metrics ({"wer", "cer", "epoch"}). Writes last.pt, best.pt and log.csv.
+    Under `torchrun` (WORLD_SIZE > 1) every process trains on its share of each epoch's batches
+    and their gradients are averaged (DDP: NCCL on GPUs, gloo on CPUs); only rank 0 logs and
+    writes files. Returns the best dev metrics ({"wer", "cer", "epoch"}).
     """
-    exp_dir = Path(exp_dir)
+    dist = _Distributed.start(config.device)
+    try:
+        return _train(config, train_rows, dev_rows, Path(exp_dir), resume, progress and dist.main,
+                      stats_only, found or {}, dist)
+    finally:
+        dist.stop()
+
+
+def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utterance], exp_dir: Path,
+           resume: bool, progress: bool, stats_only: bool, found: dict[str, list[Problem]],
+           dist: _Distributed) -> dict:
     exp_dir.mkdir(parents=True, exist_ok=True)
     last = exp_dir / "last.pt"
     resumed = load_model_file(last) if resume and last.exists() else None
@@ -199,18 +220,18 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
         if "train_state" not in resumed:
             raise ConfigError(f"{last}: holds no training state to resume from")
         config = _resumed_config(config, from_dict(TrainConfig, resumed["train_state"]["config"]))
-    device = pick_device(config.device)
+    device = dist.device(pick_device(config.device))
     bf16 = config.bf16 and bf16_supported(device)
     if config.bf16 and not bf16:
         log.warning("bf16: %s has no native bf16 arithmetic; training in fp32", device)
     tokenizer = CharTokenizer()
-    found = found or {}
     train_rows, train_problems = usable_rows(train_rows, tokenizer, config, "train", found.get("train", []))
     dev_rows, dev_problems = usable_rows(dev_rows, tokenizer, config, "dev", found.get("dev", []), training=False)
-    write_problems(exp_dir / PROBLEMS_FILE, {"train": train_problems, "dev": dev_problems})
+    if dist.main:
+        write_problems(exp_dir / PROBLEMS_FILE, {"train": train_problems, "dev": dev_problems})
     refuse_unusable("train", train_rows, train_problems, config)
     refuse_unusable("dev", dev_rows, dev_problems, config)
-    _seed_everything(config.seed)
+    _seed_everything(config.seed + dist.rank)  # dropout and SpecAugment differ by rank; weights come from rank 0
 
     log_mel = LogMel().to(device)
     stats_file = exp_dir / STATS_FILE
@@ -219,21 +240,29 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
     elif resume and stats_file.exists():
         stats = load_feature_stats(stats_file)
         log.info("feature statistics from %s", stats_file)
-    else:
+    else:  # every rank computes them (the same sample, so the same numbers); rank 0 writes them
         stats = feature_stats(train_rows, config, log_mel)
-        save_feature_stats(stats, stats_file)
+        if dist.main:
+            save_feature_stats(stats, stats_file)
     log_mel.set_stats(stats["mean"].to(device), stats["std"].to(device))
     if stats_only:
         return {}
     specaug = SpecAugment(config.specaugment).to(device)
     model = BiLSTMCTC(config.model, len(tokenizer)).to(device)
-    # The fused kernel updates all tensors in one pass: 2 ms a step on 2 CPU cores against 29 ms.
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+    net = dist.wrap(model)  # what the step runs: the model, or DDP around it
+    # The fused kernel updates all tensors in one pass (2 ms a step on 2 CPU cores against 29 ms)
+    # and can skip an update on the device when told to, without a host-device sync.
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     sampler = BucketBatchSampler([r.duration for r in train_rows], config.data.max_batch_seconds,
                                  max_batch_size=config.data.max_batch_size, seed=config.seed,
-                                 sorted_first_epoch=config.data.sorted_first_epoch)
-    total_steps = len(sampler) * config.epochs
+                                 sorted_first_epoch=config.data.sorted_first_epoch,
+                                 rank=dist.rank, world_size=dist.world_size)
+    accum = config.optim.grad_accum
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch / accum)
+    total_steps = steps_per_epoch * config.epochs
     budget = config.max_minutes * 60
 
     # Where training stands; all of it goes into last.pt.
@@ -241,19 +270,27 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
     log_rows = 0  # rows of log.csv written by then: a run killed later wrote more, dropped on resume
     if resumed is not None:
         ts = resumed["train_state"]
-        model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(ts["optimizer"])
         epoch, step, batch_in_epoch, elapsed, best = (ts["epoch"], ts["step"], ts["batch_in_epoch"],
                                                       ts["elapsed"], ts["best"])
         log_rows = ts.get("log_rows")
-        _set_rng_state(ts["rng"])
+        rngs = ts.get("rng_by_rank", [ts["rng"]])
+        if len(rngs) == dist.world_size:
+            _set_rng_state(rngs[dist.rank])
+        else:
+            log.warning("resuming with %d processes where %d saved their random state: the random "
+                        "draws (dropout, SpecAugment) from here differ from the run's", dist.world_size, len(rngs))
         log.info("resuming from %s: epoch %d, step %d, %.1f min trained", last, epoch + 1, step, elapsed / 60)
     del resumed
 
+    clock = elapsed  # the training time every rank agrees on (under DDP: as of the last log step)
+
     def fraction_done() -> float:
-        return max(step / total_steps, elapsed / budget if budget else 0.0)
+        return max(step / total_steps, clock / budget if budget else 0.0)
 
     def payload(with_state: bool) -> dict:
+        """The model file; collective under DDP (every rank's random state is gathered)."""
+        rng_by_rank = dist.gather_objects(_rng_state()) if with_state else None
         out = {
             "model_config": to_dict(config.model),
             "tokens": tokenizer.tokens,
@@ -264,48 +301,74 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
         }
         if with_state:
             out["train_state"] = {
-                "config": to_dict(config), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "elapsed": elapsed,
-                "best": best, "log_rows": run_log.rows,
+                "config": to_dict(config), "optimizer": optimizer.state_dict(), "rng": rng_by_rank[0],
+                "rng_by_rank": rng_by_rank, "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
+                "elapsed": elapsed, "best": best, "log_rows": run_log.rows if run_log else 0,
             }
         return out
 
+    def save(path: Path, with_state: bool = True) -> None:
+        out = payload(with_state)  # on every rank: gathering the random states is collective
+        if dist.main:
+            save_model_file(out, path)
+
     dataset = SpeechDataset(train_rows, tokenizer, speeds=config.data.speeds, seed=config.seed)
     ctc = torch.nn.CTCLoss(blank=tokenizer.blank_id, reduction="sum", zero_infinity=True)
-    run_log = _RunLog(exp_dir, keep_rows=log_rows, tensorboard=config.tensorboard)
-    log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch "
-             "(padding efficiency %.1f%%), %d epochs%s, device %s", model.num_parameters() / 1e6,
+    run_log = _RunLog(exp_dir, keep_rows=log_rows, tensorboard=config.tensorboard) if dist.main else None
+    log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch%s "
+             "(padding efficiency %.1f%%), %d epochs%s, device %s%s", model.num_parameters() / 1e6,
              len(train_rows), sum(r.duration for r in train_rows) / 3600, sampler.batches_per_epoch,
+             f" on each of {dist.world_size} processes" if dist.world_size > 1 else "",
              100 * sampler.padding_efficiency, config.epochs,
-             f" or {config.max_minutes:g} min" if budget else "", f"{device}{' (bf16)' if bf16 else ''}")
+             f" or {config.max_minutes:g} min" if budget else "", f"{device}{' (bf16)' if bf16 else ''}",
+             f", {accum} batches a step" if accum > 1 else "")
 
-    skipped = {"non-finite loss": 0, "out of memory": 0}  # batches left out, by reason
     unreadable: set[str] = set()  # audio files that failed to load mid-training (warned once each)
+    out_of_memory = 0
 
-    def train_step(batch: dict) -> tuple[float, float] | None:
-        """One optimizer step on `batch`: (loss, gradient norm before clipping), or None when the
-        loss is not finite. Its tensors die with this frame, so an out-of-memory error leaves
+    def forward_backward(batch: dict, scale: float, last_of_group: bool) -> torch.Tensor:
+        """Loss of one batch (a 0-d tensor on the device), its gradients times `scale` added to
+        the parameters' (averaged over the ranks at a group's last batch). Nothing here waits for
+        the device: lengths are computed on the host from the batch's, and the loss is read only
+        when it is logged. Its tensors die with this frame, so an out-of-memory error leaves
         nothing behind."""
-        waves = batch["waves"].to(device, non_blocking=True)
-        feats, frames = log_mel(waves, batch["wave_lengths"].to(device))
-        if epoch >= config.specaugment_from_epoch:
-            feats = specaug(feats, frames)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            log_probs, out_lengths = model(feats, frames.cpu())
-        loss = ctc(log_probs.float().transpose(0, 1),  # (B, T', V) -> (T', B, V)
-                   batch["targets"], out_lengths, batch["target_lengths"]) / len(batch["ids"])
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return None
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip, foreach=True)
-        optimizer.step()
-        return loss.item(), grad_norm.item()
+        wave_lengths = batch["wave_lengths"]  # on the host
+        with dist.accumulating(net, not last_of_group):
+            waves = batch["waves"].to(device, non_blocking=True)
+            feats, frames = log_mel(waves, wave_lengths.to(device, non_blocking=True))
+            if epoch >= config.specaugment_from_epoch:
+                feats = specaug(feats, frames)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                log_probs, _ = net(feats, frames)
+            out_lengths = model.output_lengths(num_frames(wave_lengths))  # host arithmetic, no device sync
+            loss = ctc(log_probs.float().transpose(0, 1),  # (B, T', V) -> (T', B, V)
+                       batch["targets"].to(device, non_blocking=True), out_lengths,
+                       batch["target_lengths"]) / len(batch["ids"])
+            (loss * scale).backward()
+        return loss.detach()
 
-    window = {"loss": 0.0, "grad_norm": 0.0, "losses": 0, "audio": 0.0, "seconds": 0.0}  # since the last log line
-    with _StopOnSignal() as stop:
+    def optimizer_step() -> torch.Tensor:
+        """Clip, then step, unless a gradient is not finite: the fused AdamW skips the update on
+        the device (as under a gradient scaler) and no host-device sync is needed to decide it.
+        Returns the gradient norm before clipping (inf or NaN for a skipped step)."""
+        for group in optimizer.param_groups:
+            group["lr"] = config.optim.lr * lr_factor(step, fraction_done(), config.optim)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip, foreach=True)
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+            optimizer.step()
+        elif torch.isfinite(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm.detach()
+
+    # Since the last log line; device tensors, read (one sync) only when logged.
+    window = _Window(device)
+    with _StopOnSignal() as stop, contextlib.ExitStack() as closing:
+        if run_log:
+            closing.callback(run_log.close)
         while epoch < config.epochs and fraction_done() < 1.0:
-            model.train()
+            net.train()
             sampler.set_epoch(epoch, batch_in_epoch)
             dataset.set_epoch(epoch)
             loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
@@ -315,79 +378,87 @@ def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utter
             bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{config.epochs}",
                        disable=not progress, dynamic_ncols=True)
             tick = time.perf_counter()
+            group, in_group = 0, 0  # batches in this optimizer step, and done so far
+            stopping = False  # every rank agrees on it (single process: at once; DDP: at log steps)
             for batch in bar:
                 for message in batch["failed"]:
                     if message not in unreadable:
                         unreadable.add(message)
                         log.warning("left out of training: %s", message)
+                if in_group == 0:  # the last step of an epoch may have fewer batches
+                    group = min(accum, sampler.batches_per_epoch - batch_in_epoch)
                 batch_in_epoch += 1
+                in_group += 1
+                last_of_group = in_group == group
                 if batch["ids"]:
-                    for group in optimizer.param_groups:
-                        group["lr"] = config.optim.lr * lr_factor(step, fraction_done(), config.optim)
                     try:
-                        result, out_of_memory = train_step(batch), False
+                        window.add_loss(forward_backward(batch, 1 / group, last_of_group))
                     except torch.OutOfMemoryError:
-                        result, out_of_memory = None, True
-                    if out_of_memory:  # handled out here, once the step's tensors are freed
-                        optimizer.zero_grad(set_to_none=True)
-                        torch.cuda.empty_cache()
-                        skipped["out of memory"] += 1
+                        if dist.world_size > 1:
+                            raise  # the other ranks are waiting for this one's gradients
+                        out_of_memory += 1
                         log.warning("step %d: out of memory on %d utterances (%.0f s of audio); batch "
                                     "skipped (lower data.max_batch_seconds if this repeats)", step + 1,
                                     len(batch["ids"]), batch["wave_lengths"].sum().item() / SAMPLE_RATE)
-                    elif result is None:
-                        skipped["non-finite loss"] += 1
-                    else:
-                        window["loss"] += result[0]
-                        window["grad_norm"] += result[1]
-                        window["losses"] += 1
-                    step += 1
+                        optimizer.zero_grad(set_to_none=True)  # this group's step is lost with it
+                        torch.cuda.empty_cache()
+                elif dist.world_size > 1:  # no audio, but DDP needs this rank's (zero) gradients
+                    with dist.accumulating(net, not last_of_group):
+                        silence = torch.zeros(1, 8, N_MELS, device=device)
+                        net(silence, torch.tensor([8], device=device))[0].sum().mul(0).backward()
+                window.audio += batch["wave_lengths"].sum().item() / SAMPLE_RATE  # host tensor
+                if not last_of_group:
+                    continue
+                window.add_grad_norm(optimizer_step())
+                step += 1
+                in_group = 0
                 now = time.perf_counter()
-                elapsed += now - tick
-                window["seconds"] += now - tick
-                tick = now
-                window["audio"] += batch["wave_lengths"].sum().item() / SAMPLE_RATE
-                if batch["ids"] and step % config.log_every == 0:
-                    speed = window["audio"] / max(window["seconds"], 1e-9)
-                    trained = max(window["losses"], 1)
-                    loss_mean, grad_mean = window["loss"] / trained, window["grad_norm"] / trained
+                elapsed, window.seconds, tick = elapsed + now - tick, window.seconds + now - tick, now
+                stopping = stop.signal is not None
+                if dist.world_size == 1:
+                    clock = elapsed
+                if step % config.log_every == 0:
+                    numbers = window.read(dist)  # the one sync, every log_every steps
+                    elapsed = clock = dist.max(elapsed)  # one clock for every rank's LR and budget
+                    stopping = bool(dist.max(float(stopping)))
                     lr = optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{speed:.0f}")
-                    run_log.write(step=step, epoch=epoch + 1, loss=loss_mean, lr=lr, grad_norm=grad_mean,
-                                  audio_sec_per_sec=speed, minutes=elapsed / 60)
-                    window = dict.fromkeys(window, 0)
-                if stop.signal is not None:
+                    bar.set_postfix(loss=f"{numbers['loss']:.3f}", lr=f"{lr:.2e}",
+                                    audio_s_per_s=f"{numbers['audio_sec_per_sec']:.0f}")
+                    if run_log:
+                        run_log.write(step=step, epoch=epoch + 1, lr=lr, minutes=elapsed / 60, **numbers)
+                elif dist.world_size > 1:
+                    stopping = False  # ranks agree only at log steps: a signal waits until the next
+                if stopping:
                     break
-                if config.save_every and batch["ids"] and step % config.save_every == 0:
-                    save_model_file(payload(with_state=True), last)
+                if config.save_every and step % config.save_every == 0:
+                    save(last)
                 if fraction_done() >= 1.0:
                     if budget and elapsed >= budget:
                         log.info("time budget of %g min reached at step %d", config.max_minutes, step)
                     break
             bar.close()
-            for reason, count in skipped.items():
-                if count:
-                    log.warning("skipped %d batch(es) so far: %s", count, reason)
+            if window.skipped or out_of_memory:
+                log.warning("skipped so far: %d step(s) with a non-finite gradient, %d batch(es) out of "
+                            "memory", window.skipped, out_of_memory)
             if batch_in_epoch >= sampler.batches_per_epoch:  # the epoch ran to its end
                 epoch, batch_in_epoch = epoch + 1, 0
-            if stop.signal is not None:  # saved where it stands; the same command resumes from here
-                save_model_file(payload(with_state=True), last)
-                run_log.close()
-                raise TrainingInterrupted(stop.signal, step, last)
+            if stopping:
+                save(last)  # where it stands; the same command resumes from here
+                raise TrainingInterrupted(stop.signal or signal.SIGTERM, step, last)
 
-            rates = evaluate_dev(model, log_mel, tokenizer, dev_rows, device, progress)
-            run_log.write(step=step, epoch=epoch, dev_wer=rates.wer, dev_cer=rates.cer, minutes=elapsed / 60)
-            run_log.plot()
+            rates = evaluate_dev(model, log_mel, tokenizer, dev_rows, device, progress, dist)
+            net.train()
             log.info("epoch %d: dev WER %.2f%%  CER %.2f%%  (%d utterances, %.1f min trained)", epoch,
-                     100 * rates.wer, 100 * rates.cer, len(rates.utterances), elapsed / 60)
-            if rates.cer < best["cer"]:
-                best = {"wer": rates.wer, "cer": rates.cer, "epoch": epoch}
-                save_model_file(payload(with_state=False), exp_dir / "best.pt")
-            save_model_file(payload(with_state=True), last)
-            if stop.signal is not None:
-                run_log.close()
-                raise TrainingInterrupted(stop.signal, step, last)
-    run_log.close()
+                     100 * rates["wer"], 100 * rates["cer"], rates["utterances"], elapsed / 60)
+            if run_log:
+                run_log.write(step=step, epoch=epoch, dev_wer=rates["wer"], dev_cer=rates["cer"], minutes=elapsed / 60)
+                run_log.plot()
+            if rates["cer"] < best["cer"]:
+                best = {"wer": rates["wer"], "cer": rates["cer"], "epoch": epoch}
+                save(exp_dir / "best.pt", with_state=False)
+            save(last)
+            if bool(dist.max(float(stop.signal is not None))):
+                raise TrainingInterrupted(stop.signal or signal.SIGTERM, step, last)
     return best
 
 
@@ -401,14 +472,141 @@ def _resumed_config(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
 
 
 def evaluate_dev(model: BiLSTMCTC, log_mel: LogMel, tokenizer: CharTokenizer, rows: list[Utterance],
-                 device: torch.device, progress: bool):
-    """Greedy WER/CER of the model being trained; leaves it in training mode."""
+                 device: torch.device, progress: bool, dist: _Distributed | None = None) -> dict:
+    """Greedy {"wer", "cer", "utterances"} of the model being trained on `rows` (under DDP each
+    rank decodes its share and the error counts are summed). Leaves the model in eval mode."""
+    dist = dist or _Distributed()
+    share = rows[dist.rank :: dist.world_size]
     rates, _, failures = Transcriber(model, log_mel, tokenizer, GreedyDecoder(tokenizer), device).evaluate(
-        rows, progress=progress)
+        share, progress=progress)
     for f in failures:
         log.warning("dev: %s", f.message)
-    model.train()
-    return rates
+    word_errors, words, char_errors, chars, utterances = dist.sum([
+        sum(u.word_errors for u in rates.utterances), rates.words,
+        sum(u.char_errors for u in rates.utterances), rates.chars, len(rates.utterances)])
+    return {"wer": word_errors / max(words, 1), "cer": char_errors / max(chars, 1), "utterances": int(utterances)}
+
+
+@dataclass
+class _Distributed:
+    """This process's place in a `torchrun` job; rank 0 of 1 when run alone, where every
+    collective below is the identity and nothing is imported or started."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # started the process group here, so ends it
+
+    @classmethod
+    def start(cls, device_name: str) -> _Distributed:
+        """Join the job torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
+        MASTER_ADDR, MASTER_PORT): NCCL between GPUs, gloo between CPU processes."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as td
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        owns = not td.is_initialized()
+        if owns:
+            cuda = pick_device(device_name).type == "cuda"
+            if cuda:
+                torch.cuda.set_device(local)
+            td.init_process_group("nccl" if cuda else "gloo")
+        return cls(td.get_rank(), td.get_world_size(), local, owns)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """Each process on a machine takes the GPU of its local rank."""
+        if self.world_size > 1 and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP around `model` (its weights broadcast from rank 0), or the model itself alone."""
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def accumulating(self, net: nn.Module, active: bool):
+        """While `active`, gradients stay on this rank (they are averaged at the group's last batch)."""
+        return net.no_sync() if active and self.world_size > 1 else contextlib.nullcontext()
+
+    def sum(self, values: list[float]) -> list[float]:
+        return self._reduce(values, "SUM")
+
+    def max(self, value: float) -> float:
+        return self._reduce([value], "MAX")[0]
+
+    def _reduce(self, values: list[float], op: str) -> list[float]:
+        if self.world_size == 1:
+            return list(values)
+        import torch.distributed as td
+
+        on = torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor(values, dtype=torch.float64, device=on)
+        td.all_reduce(tensor, op=getattr(td.ReduceOp, op))
+        return tensor.tolist()
+
+    def gather_objects(self, obj) -> list:
+        """`obj` of every rank, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as td
+
+        out = [None] * self.world_size
+        td.all_gather_object(out, obj)
+        return out
+
+    def stop(self) -> None:
+        if self.owns_group:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+
+
+class _Window:
+    """What happened since the last log line. The step's numbers stay on the device as running
+    sums, so training never waits for them; `read` fetches them in one copy (and sums them over
+    the ranks) every log_every steps."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.skipped_total = torch.zeros((), device=device)  # steps with a non-finite gradient
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, device=self.device)  # loss, finite losses, grad norm, finite norms
+        self.audio, self.seconds = 0.0, 0.0  # host numbers: seconds of audio, of wall clock
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)
+        self.sums[0] += torch.where(finite, loss, 0.0)
+        self.sums[1] += finite
+
+    def add_grad_norm(self, norm: torch.Tensor) -> None:
+        finite = torch.isfinite(norm)
+        self.sums[2] += torch.where(finite, norm, 0.0)
+        self.sums[3] += finite
+        self.skipped_total += ~finite
+
+    def read(self, dist: _Distributed) -> dict:
+        """Mean loss and gradient norm, and audio seconds per second (all ranks together); resets."""
+        loss, losses, grad, grads, audio = dist.sum([*self.sums.tolist(), self.audio])
+        out = {"loss": loss / max(losses, 1), "grad_norm": grad / max(grads, 1),
+               "audio_sec_per_sec": audio / max(self.seconds, 1e-9)}
+        self.reset()
+        return out
+
+    @property
+    def skipped(self) -> int:
+        return int(self.skipped_total.item())
 
 
 class _RunLog:

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from asr.checkpoint import load_model_file
+from asr.checkpoint import load_model_file, save_feature_stats
 from asr.config import load_config
 from asr.data import Problem, Utterance, write_manifest
 from asr.errors import ConfigError, ManifestError
+from asr.features import N_MELS
+from asr.model import BiLSTMCTC
 from asr.text import CharTokenizer
 from asr.train import OptimConfig, TrainConfig, bf16_supported, lr_factor, refuse_unusable, train, usable_rows
 from conftest import noise, sine, write_audio
@@ -176,7 +178,8 @@ def test_audio_that_breaks_mid_training_costs_its_utterance_not_the_run(tiny_row
     warned = [r.getMessage() for r in caplog.records if "left out of training" in r.getMessage()]
     assert len(warned) == 1 and "u2.wav" in warned[0] and "cannot decode" in warned[0]
     state = load_model_file(exp / "last.pt")["train_state"]
-    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (2, 6, 0)  # 3 of 4 trained, twice
+    # 4 steps an epoch: the one whose only utterance is gone updates nothing (it has no gradient).
+    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (2, 8, 0)
 
 
 def test_resume_with_more_epochs_goes_on_with_the_saved_config(tiny_rows, tmp_path, caplog):
@@ -314,8 +317,8 @@ def test_stopped_and_killed_runs_resume_exactly(tiny_rows, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     state = load_model_file(termed / "last.pt")["train_state"]
-    assert f"stopped by SIGTERM at step {state['step']}" in stderr and "Traceback" not in stderr
-    assert 10 <= state["step"] < total
+    assert f"stopped by SIGTERM at step {state['step']}" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert 10 <= state["step"] < total, stderr[-3000:]
     assert [r["step"] for r in read_log(termed / "log.csv") if r["loss"]][-1] == str(state["step"])
 
     killed = tmp_path / "killed"
@@ -329,7 +332,83 @@ def test_stopped_and_killed_runs_resume_exactly(tiny_rows, tmp_path):
         resumed = start_training(manifest, exp)
         _, stderr = resumed.communicate(timeout=300)
         assert resumed.returncode == 0 and "resuming from" in stderr, stderr[-2000:]
-        assert comparable(exp) == comparable(straight)
+        assert comparable(exp) == comparable(straight), (exp.name, stderr[-3000:])
         a, b = load_model_file(straight / "last.pt"), load_model_file(exp / "last.pt")
         for key, value in a["model"].items():
             assert torch.equal(b["model"][key], value), key
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient accumulation and torchrun DDP: the same steps, however the batches are spread.
+
+EQUAL_SETTINGS = ["epochs=2", "data.max_batch_size=1", "model.dropout=0", "specaugment.enabled=false",
+                  "data.sorted_first_epoch=true", "save_every=0"]
+
+
+def test_accumulating_two_batches_is_one_step_on_both(tiny_rows, tmp_path):
+    """Batches of 1 accumulated in pairs make the steps that batches of 2 make (the model's
+    output does not depend on padding, and the loss is a mean over utterances either way)."""
+    train(tiny_config(*EQUAL_SETTINGS, "epochs=1", "optim.grad_accum=2"), tiny_rows, tiny_rows,
+          tmp_path / "accum", progress=False)
+    train(tiny_config(*EQUAL_SETTINGS, "epochs=1", "data.max_batch_size=2"), tiny_rows, tiny_rows,
+          tmp_path / "pairs", progress=False)
+    a, b = read_log(tmp_path / "accum" / "log.csv"), read_log(tmp_path / "pairs" / "log.csv")
+    assert [r["step"] for r in a if r["loss"]] == ["1", "2"]
+    for column in ("loss", "grad_norm"):
+        assert [float(r[column]) for r in a if r["loss"]] == pytest.approx(
+            [float(r[column]) for r in b if r["loss"]], rel=1e-4)
+    wa, wb = load_model_file(tmp_path / "accum" / "last.pt")["model"], load_model_file(tmp_path / "pairs" / "last.pt")["model"]
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], atol=1e-5), key
+    state = load_model_file(tmp_path / "accum" / "last.pt")["train_state"]
+    assert (state["step"], state["batch_in_epoch"], state["epoch"]) == (2, 0, 1)
+    with pytest.raises(ConfigError, match="grad_accum"):
+        tiny_config("optim.grad_accum=0")
+
+
+def test_non_finite_gradients_skip_their_steps_and_leave_the_weights_alone(tiny_rows, tmp_path, caplog):
+    """Feature statistics with a NaN make every gradient NaN: each step is skipped on the device
+    (the fused optimizer's found_inf, no host sync), counted and warned; the weights, the Adam
+    moments and its step count stay as initialised, where an unguarded step would fill them with NaN."""
+    exp = tmp_path / "exp"
+    save_feature_stats({"mean": torch.zeros(N_MELS), "std": torch.full((N_MELS,), float("nan"))},
+                       exp / "feature_stats.pt")
+    config = tiny_config("epochs=1", "data.max_batch_size=2")
+    with caplog.at_level(logging.WARNING, logger="asr.train"):
+        train(config, tiny_rows, tiny_rows, exp, progress=False)
+    assert "2 step(s) with a non-finite gradient" in caplog.text
+    saved = load_model_file(exp / "last.pt")
+    assert saved["train_state"]["step"] == 2
+    torch.manual_seed(config.seed)
+    initial = BiLSTMCTC(config.model, len(CharTokenizer())).state_dict()
+    for key, value in initial.items():
+        assert torch.equal(saved["model"][key], value), key
+    assert all(float(s["step"]) == 0 for s in saved["train_state"]["optimizer"]["state"].values())
+    assert [r["grad_norm"] for r in read_log(exp / "log.csv") if r["loss"]] == ["0", "0"]  # no finite norm to average
+
+
+def test_torchrun_two_processes_make_the_steps_of_one_accumulating_two(tiny_rows, tmp_path):
+    """2 gloo processes (each a batch a step, gradients averaged by DDP) log the losses of one
+    process stepping on pairs of batches; rank 0 alone writes the files."""
+    manifest = tmp_path / "train.jsonl"
+    write_manifest(tiny_rows, manifest)
+    settings = [*EQUAL_SETTINGS, "model.hidden_size=16", "model.num_layers=1", "model.conv_channels=4",
+                "model.subsampling=2", "data.num_workers=0", "optim.warmup_steps=3", "log_every=1", "device=cpu"]
+    args = [a for s in settings for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["train", "--train", manifest, "--dev", manifest, "--no-progress"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(29500 + os.getpid() % 1000), "-m", "asr.cli", *common,
+                          "--exp-dir", tmp_path / "ddp", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "asr.cli", *common, "--exp-dir", tmp_path / "one", *args,
+                          "--set", "optim.grad_accum=2"], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = read_log(tmp_path / "ddp" / "log.csv"), read_log(tmp_path / "one" / "log.csv")
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len([r for r in a if r["loss"]]) == 4
+    for column in ("loss", "grad_norm", "lr", "dev_wer", "dev_cer"):
+        assert [float(r[column]) for r in a if r[column]] == pytest.approx(
+            [float(r[column]) for r in b if r[column]], rel=1e-4, abs=1e-6), column
+    assert ddp.stderr.count("model: ") == 1  # rank 0 alone logs
+    state = load_model_file(tmp_path / "ddp" / "last.pt")["train_state"]
+    assert state["step"] == 4 and len(state["rng_by_rank"]) == 2
