@@ -73,9 +73,9 @@ def compute_stats(waves, log_mel: LogMel) -> tuple[torch.Tensor, torch.Tensor]:
     total_sq = torch.zeros(N_MELS, dtype=torch.float64)
     count = 0
     for wave in waves:
-        feats = log_mel.log_mel(wave[None])[0].double()  # (T, N_MELS)
-        total += feats.sum(0)
-        total_sq += (feats**2).sum(0)
+        feats = log_mel.log_mel(wave[None])[0].double()  # (T, N_MELS), on the wave's device
+        total += feats.sum(0).cpu()
+        total_sq += (feats**2).sum(0).cpu()
         count += feats.shape[0]
     if count == 0:
         raise ValueError("no audio to compute feature statistics from")

@@ -103,8 +103,8 @@ class TrainConfig:
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 autocast is fast on `device`: a CUDA GPU with bf16 support, or a CPU whose
     oneDNN kernels have native bf16 (AVX512-BF16 or AMX; elsewhere it is emulated and slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # emulated bf16 (T4, V100) would train slower than fp32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
