@@ -25,6 +25,18 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out: str | os.PathLike, title: str | None, dpi: int) -> Path:
+    """Title, lay out and write `fig` as a PNG (its folder made if needed), then free it."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def read_log(path: str | os.PathLike) -> list[dict[str, float]]:
     """log.csv rows with their numbers as floats; blank cells are left out of each row."""
     with open(path, newline="") as f:
@@ -83,14 +95,7 @@ def plot_curves(log_csv: str | os.PathLike, out: str | os.PathLike, title: str |
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("training step")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, title, dpi=110)
 
 
 def plot_alignment(features: np.ndarray, log_probs: np.ndarray, tokens: list[str], words: list,
@@ -128,14 +133,7 @@ def plot_alignment(features: np.ndarray, log_probs: np.ndarray, tokens: list[str
     word_ax.set_xlim(0, end)
     word_ax.set_xlabel("time (s)")
     word_ax.set_title("words (shade: confidence)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, title, dpi=100)
 
 
 def draw_alignment(transcriber, audio: str | os.PathLike, out: str | os.PathLike,
