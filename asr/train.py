@@ -328,39 +328,22 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
 
     def forward_backward(batch: dict, scale: float, last_of_group: bool) -> torch.Tensor:
         """Loss of one batch (a 0-d tensor on the device), its gradients times `scale` added to
-        the parameters' (averaged over the ranks at a group's last batch). Nothing here waits for
-        the device: lengths are computed on the host from the batch's, and the loss is read only
-        when it is logged. Its tensors die with this frame, so an out-of-memory error leaves
-        nothing behind."""
-        wave_lengths = batch["wave_lengths"]  # on the host
+        the parameters' (averaged over the ranks at a group's last batch). Its tensors die with
+        this frame, so an out-of-memory error leaves nothing behind."""
         with dist.accumulating(net, not last_of_group):
             waves = batch["waves"].to(device, non_blocking=True)
-            feats, frames = log_mel(waves, wave_lengths.to(device, non_blocking=True))
+            feats, frames = log_mel(waves, batch["wave_lengths"].to(device, non_blocking=True))
             if epoch >= config.specaugment_from_epoch:
                 feats = specaug(feats, frames)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                log_probs, _ = net(feats, frames)
-            out_lengths = model.output_lengths(num_frames(wave_lengths))  # host arithmetic, no device sync
-            loss = ctc(log_probs.float().transpose(0, 1),  # (B, T', V) -> (T', B, V)
-                       batch["targets"].to(device, non_blocking=True), out_lengths,
-                       batch["target_lengths"]) / len(batch["ids"])
+            loss = batch_loss(net, model, ctc, feats, frames, batch["wave_lengths"],
+                              batch["targets"].to(device, non_blocking=True), batch["target_lengths"], bf16)
             (loss * scale).backward()
         return loss.detach()
 
-    def optimizer_step() -> torch.Tensor:
-        """Clip, then step, unless a gradient is not finite: the fused AdamW skips the update on
-        the device (as under a gradient scaler) and no host-device sync is needed to decide it.
-        Returns the gradient norm before clipping (inf or NaN for a skipped step)."""
+    def step_optimizer() -> torch.Tensor:
         for group in optimizer.param_groups:
             group["lr"] = config.optim.lr * lr_factor(step, fraction_done(), config.optim)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip, foreach=True)
-        if optimizer.defaults.get("fused"):
-            optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
-            optimizer.step()
-        elif torch.isfinite(grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm.detach()
+        return optimizer_step(model, optimizer, config.optim.grad_clip)
 
     # Since the last log line; device tensors, read (one sync) only when logged.
     window = _Window(device)
@@ -409,7 +392,7 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
                 window.audio += batch["wave_lengths"].sum().item() / SAMPLE_RATE  # host tensor
                 if not last_of_group:
                     continue
-                window.add_grad_norm(optimizer_step())
+                window.add_grad_norm(step_optimizer())
                 step += 1
                 in_group = 0
                 now = time.perf_counter()
@@ -460,6 +443,35 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
             if bool(dist.max(float(stop.signal is not None))):
                 raise TrainingInterrupted(stop.signal or signal.SIGTERM, step, last)
     return best
+
+
+def batch_loss(net: nn.Module, model: BiLSTMCTC, ctc: nn.CTCLoss, feats: torch.Tensor, frames: torch.Tensor,
+               wave_lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,
+               bf16: bool) -> torch.Tensor:
+    """Mean CTC loss per utterance of one batch, a 0-d tensor on the device, as a training step
+    computes it: `net` (the model, or DDP around it) under bf16 autocast when asked, the loss in
+    fp32. feats (B, T, N_MELS), frames (B,) and targets (B, L) are on the device; wave_lengths and
+    target_lengths (B,) on the host, so the output lengths CTC needs come from host arithmetic
+    and nothing waits for the device."""
+    with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=bf16):
+        log_probs, _ = net(feats, frames)
+    out_lengths = model.output_lengths(num_frames(wave_lengths))
+    return ctc(log_probs.float().transpose(0, 1),  # (B, T', V) -> (T', B, V)
+               targets, out_lengths, target_lengths) / len(wave_lengths)
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
+    """Clip, then step, unless a gradient is not finite: the fused AdamW skips the update on the
+    device (as under a gradient scaler), so no host-device sync is needed to decide it. Clears
+    the gradients; returns their norm before clipping (inf or NaN for a skipped step)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
+    elif torch.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.detach()
 
 
 def _resumed_config(given: TrainConfig, saved: TrainConfig) -> TrainConfig:

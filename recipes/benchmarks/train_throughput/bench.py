@@ -62,10 +62,10 @@ from asr.config import load_config
 from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate, scan_manifest
 from asr.errors import ConfigError, ManifestError
 from asr.features import (FRAMES_PER_SECOND, HOP_LENGTH, LOG_FLOOR, N_FFT, N_MELS, WIN_LENGTH, LogMel, SpecAugment,
-                          compute_stats, num_frames)
+                          compute_stats)
 from asr.model import TIME_STRIDES, BiLSTMCTC, ModelConfig
 from asr.text import CharTokenizer
-from asr.train import TrainConfig, bf16_supported, usable_rows
+from asr.train import TrainConfig, batch_loss, bf16_supported, optimizer_step, usable_rows
 
 CONFIGS = {"demo": "recipes/demo/conf.yaml", "clean100": "recipes/librispeech/conf/clean100.yaml"}
 # Generated audio, by config name: durations in seconds (uniform, or skewed to the long end as
@@ -315,9 +315,9 @@ def generated_rows(folder: Path, name: str, config: TrainConfig, tokenizer: Char
 # --- the training step, as asr.train runs it --------------------------------------------------
 
 class TrainStep:
-    """asr.train's forward_backward + optimizer_step for one batch (one process, grad_accum 1),
-    with the running loss and gradient-norm sums it keeps on the device. A copy: asr/train.py
-    has them as closures inside _train. Keep the two in step."""
+    """One training step for one batch (one process, grad_accum 1) through asr.train's own
+    batch_loss and optimizer_step, with the loss and gradient-norm sums kept on the device as
+    training keeps them."""
 
     def __init__(self, config: TrainConfig, vocab: int, device: torch.device):
         self.config, self.device = config, device
@@ -327,31 +327,20 @@ class TrainStep:
                                            weight_decay=config.optim.weight_decay,
                                            fused=device.type in ("cpu", "cuda"))
         self.ctc = torch.nn.CTCLoss(blank=CharTokenizer.blank_id, reduction="sum", zero_infinity=True)
-        self.sums = torch.zeros(4, device=device)  # asr.train._Window: loss, finite losses, grad norm, finite norms
+        self.sums = torch.zeros(4, device=device)  # loss, finite losses, grad norm, finite norms
 
     def __call__(self, feats: torch.Tensor, frames: torch.Tensor, wave_lengths: torch.Tensor,
                  targets: torch.Tensor, target_lengths: torch.Tensor) -> None:
         """(B, T, N_MELS) features and (B,) frame counts on the device; (B,) sample counts on the
         host; (B, L) targets on the device, (B,) target lengths on the host."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            log_probs, _ = self.model(feats, frames)
-        out_lengths = self.model.output_lengths(num_frames(wave_lengths))  # host arithmetic, no device sync
-        loss = self.ctc(log_probs.float().transpose(0, 1),  # (B, T', V) -> (T', B, V)
-                        targets, out_lengths, target_lengths) / len(wave_lengths)
-        (loss * 1.0).backward()
-        finite = torch.isfinite(loss)
-        self.sums[0] += torch.where(finite, loss.detach(), 0.0)
-        self.sums[1] += finite
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip, foreach=True)
-        if self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
-            self.optimizer.step()
-        elif torch.isfinite(grad_norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        finite = torch.isfinite(grad_norm)
-        self.sums[2] += torch.where(finite, grad_norm.detach(), 0.0)
-        self.sums[3] += finite
+        loss = batch_loss(self.model, self.model, self.ctc, feats, frames, wave_lengths, targets,
+                          target_lengths, self.bf16)
+        loss.backward()
+        grad_norm = optimizer_step(self.model, self.optimizer, self.config.optim.grad_clip)
+        for i, value in ((0, loss.detach()), (2, grad_norm)):
+            finite = torch.isfinite(value)
+            self.sums[i] += torch.where(finite, value, 0.0)
+            self.sums[i + 1] += finite
 
 
 class Features:
