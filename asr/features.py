@@ -1,4 +1,5 @@
-"""Log-mel features, global mean/variance normalisation and SpecAugment.
+"""Log-mel features, global mean/variance normalisation, and two augmentations for training:
+vocal tract length perturbation (on the power spectrum) and SpecAugment (on the log-mel).
 
 Shapes: a batch of waveforms (B, N) -> log-mel (B, T, N_MELS), with T = 1 + N // HOP_LENGTH
 (frames are centred, as in librosa).
@@ -20,6 +21,7 @@ HOP_LENGTH = SAMPLE_RATE * 10 // 1000  # 10 ms = 160 samples
 N_FFT = 512
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100
 LOG_FLOOR = 1e-6  # keeps log() finite in digital silence
+VTLP_KNEE_HZ = 4800.0  # VTLP scales frequencies up to here, then maps the rest onto what is left
 
 
 def num_frames(num_samples: torch.Tensor | int) -> torch.Tensor | int:
@@ -49,21 +51,50 @@ class LogMel(nn.Module):
         self.mean.copy_(mean)
         self.std.copy_(std)
 
-    def log_mel(self, waves: torch.Tensor) -> torch.Tensor:
-        """(B, N) float waveforms -> (B, T, N_MELS) un-normalised log-mel, in fp32."""
+    def log_mel(self, waves: torch.Tensor, warp: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) float waveforms -> (B, T, N_MELS) un-normalised log-mel, in fp32; with (B,)
+        `warp` factors, each utterance's spectrum is first warped by its factor (`warp_spectrum`)."""
         with torch.autocast(waves.device.type, enabled=False):
-            spec = self.mel(waves.float())  # (B, N_MELS, T)
+            power = self.mel.spectrogram(waves.float())  # (B, N_FFT // 2 + 1, T)
+            if warp is not None:
+                power = warp_spectrum(power, warp)
+            spec = self.mel.mel_scale(power)  # (B, N_MELS, T)
         return torch.log(spec + LOG_FLOOR).transpose(1, 2)  # (B, N_MELS, T) -> (B, T, N_MELS)
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N) waveforms with (B,) sample counts -> ((B, T, N_MELS) features, (B,) frame counts).
-
-        Frames past an utterance's end are zero.
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor,
+                warp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) waveforms with (B,) sample counts (and optional (B,) VTLP `warp` factors) ->
+        ((B, T, N_MELS) features, (B,) frame counts). Frames past an utterance's end are zero.
         """
-        feats = (self.log_mel(waves) - self.mean) / self.std
+        feats = (self.log_mel(waves, warp) - self.mean) / self.std
         frames = num_frames(lengths)
         valid = torch.arange(feats.shape[1], device=feats.device)[None, :] < frames[:, None]
         return feats * valid[:, :, None], frames
+
+
+def vtlp_factors(count: int, vtlp: float, device: torch.device) -> torch.Tensor | None:
+    """(count,) VTLP warp factors drawn uniformly from [1 - vtlp, 1 + vtlp]; None when vtlp is 0."""
+    return 1 + vtlp * (2 * torch.rand(count, device=device) - 1) if vtlp else None
+
+
+def warp_spectrum(power: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Vocal tract length perturbation (Jaitly and Hinton, 2013): (B, F, T) power spectra
+    (F bins from 0 Hz to Nyquist) with (B,) factors -> (B, F, T), each utterance's frequency axis
+    stretched by its factor. A factor above 1 moves formants up, as a shorter vocal tract would:
+    what was at f Hz is heard at factor * f, up to VTLP_KNEE_HZ; above it the map is linear, so
+    0 Hz and Nyquist stay where they are. Bins in between are interpolated linearly."""
+    n_bins = power.shape[1]
+    top = n_bins - 1  # Nyquist, in bins; the map is worked out in bins
+    factor = factors.to(device=power.device, dtype=torch.float64)[:, None]  # (B, 1)
+    heard = torch.arange(n_bins, device=power.device, dtype=torch.float64)  # (F,) warped bins
+    knee = VTLP_KNEE_HZ / (SAMPLE_RATE / 2) * top * factor.clamp(max=1.0)  # where the map bends
+    position = torch.where(heard <= knee, heard / factor,  # (B, F): the bin each warped bin reads
+                           knee / factor + (heard - knee) * (top - knee / factor) / (top - knee))
+    below = position.floor().long().clamp(0, n_bins - 2)
+    frac = (position - below).clamp(0, 1).to(power.dtype)[:, :, None]
+    index = below[:, :, None].expand(-1, -1, power.shape[2])
+    lower, upper = power.gather(1, index), power.gather(1, index + 1)
+    return lower + (upper - lower) * frac
 
 
 @torch.no_grad()

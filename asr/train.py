@@ -1,6 +1,6 @@
 """Training: CTC over a duration-bucketed stream of batches, with exact resume.
 
-Each step: waves (B, N) -> LogMel (B, T, 80) -> SpecAugment -> BiLSTMCTC (B, T', V)
+Each step: waves (B, N) -> LogMel (B, T, 80; VTLP inside) -> SpecAugment -> BiLSTMCTC (B, T', V)
 -> CTC loss (fp32, zero_infinity) -> AdamW step with warm-up and late decay, gradients clipped.
 Training ends after `epochs` or `max_minutes`, whichever comes first; the LR decay follows
 whichever is nearer, so a time-boxed run still ends on a low learning rate.
@@ -35,7 +35,7 @@ from asr.data import BucketBatchSampler, Problem, SpeechDataset, Utterance, chec
 from asr.decode import GreedyDecoder
 from asr.errors import AudioError, ConfigError, ManifestError
 from asr.features import (FRAMES_PER_SECOND, N_MELS, LogMel, SpecAugment, SpecAugmentConfig, compute_stats,
-                          num_frames)
+                          num_frames, vtlp_factors)
 from asr.model import BiLSTMCTC, ModelConfig
 from asr.text import CharTokenizer
 from asr.transcribe import Transcriber, pick_device
@@ -86,7 +86,10 @@ class DataConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     specaugment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
-    specaugment_from_epoch: int = 1  # augmentation only once CTC has left its blank plateau
+    vtlp: float = 0.0  # vocal tract length perturbation: each utterance's spectrum stretched by a
+                       # factor from 1 - vtlp to 1 + vtlp, as new voices would (0: off; 0.1 is usual)
+    specaugment_from_epoch: int = 1  # augmentation (VTLP, SpecAugment) only once CTC has left
+                                     # its blank plateau
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     epochs: int = 10
@@ -98,6 +101,10 @@ class TrainConfig:
     log_every: int = 25
     tensorboard: bool = True  # also log to EXP_DIR/tensorboard/ (tensorboard --logdir EXP_DIR)
     save_every: int = 500  # steps between mid-epoch `last.pt` files
+
+    def __post_init__(self):
+        if not 0 <= self.vtlp < 1:
+            raise ConfigError(f"vtlp={self.vtlp}: need 0 (off) to below 1; 0.1 is usual")
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -332,8 +339,10 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
         this frame, so an out-of-memory error leaves nothing behind."""
         with dist.accumulating(net, not last_of_group):
             waves = batch["waves"].to(device, non_blocking=True)
-            feats, frames = log_mel(waves, batch["wave_lengths"].to(device, non_blocking=True))
-            if epoch >= config.specaugment_from_epoch:
+            augment = epoch >= config.specaugment_from_epoch
+            warp = vtlp_factors(len(waves), config.vtlp, device) if augment else None
+            feats, frames = log_mel(waves, batch["wave_lengths"].to(device, non_blocking=True), warp)
+            if augment:
                 feats = specaug(feats, frames)
             loss = batch_loss(net, model, ctc, feats, frames, batch["wave_lengths"],
                               batch["targets"].to(device, non_blocking=True), batch["target_lengths"], bf16)

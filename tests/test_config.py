@@ -115,6 +115,13 @@ def test_list_values_from_yaml_and_overrides(tmp_path):
         load_config(TrainConfig, None, ["data.speeds=[0.0, 1.0]"])
 
 
+def test_vtlp_must_leave_a_spectrum():
+    assert load_config(TrainConfig, None, ["vtlp=0.1"]).vtlp == 0.1
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(ConfigError, match="vtlp"):
+            load_config(TrainConfig, None, [f"vtlp={bad}"])
+
+
 def test_wrong_type_in_yaml(tmp_path):
     path = write_yaml(tmp_path, "model:\n  num_layers: three\n")
     with pytest.raises(ConfigError, match="model.num_layers"):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from asr.features import (HOP_LENGTH, N_MELS, LogMel, SpecAugment, SpecAugmentConfig, compute_stats,
-                          num_frames)
+from asr.features import (HOP_LENGTH, N_FFT, N_MELS, VTLP_KNEE_HZ, LogMel, SpecAugment, SpecAugmentConfig,
+                          compute_stats, num_frames, warp_spectrum)
 from conftest import noise, sine
 
 
@@ -103,6 +103,42 @@ def test_stats_travel_with_the_module():
 
 def mask_of(out: torch.Tensor) -> torch.Tensor:
     return out == 0
+
+
+BIN_HZ = 16000 / N_FFT  # 31.25 Hz
+
+
+def peak_hz(power: torch.Tensor) -> float:
+    """Frequency of the strongest bin of a (F, T) power spectrogram."""
+    return float(power.sum(1).argmax()) * BIN_HZ
+
+
+def test_vtlp_moves_a_tone_by_its_factor_below_the_knee_and_keeps_the_ends():
+    log_mel = LogMel()
+    waves = torch.from_numpy(np.stack([sine(1000, 0.5), sine(1000, 0.5), sine(1000, 0.5)]))
+    power = log_mel.mel.spectrogram(waves)  # (3, 257, T)
+    warped = warp_spectrum(power, torch.tensor([1.0, 1.1, 0.9]))
+    assert torch.allclose(warped[0], power[0])
+    assert peak_hz(power[0]) == 1000
+    assert peak_hz(warped[1]) == pytest.approx(1100, abs=BIN_HZ)  # formants up: a shorter tract
+    assert peak_hz(warped[2]) == pytest.approx(900, abs=BIN_HZ)
+    # 0 Hz and Nyquist stay put; the map is monotone, so every bin reads from a bin in range.
+    ramp = torch.arange(257, dtype=torch.float32)[None, :, None].expand(3, -1, 2)
+    for f, row in zip((1.0, 1.1, 0.9), warp_spectrum(ramp, torch.tensor([1.0, 1.1, 0.9]))[:, :, 0]):
+        assert row[0] == 0 and row[-1] == 256
+        assert bool((row[1:] > row[:-1]).all())
+        knee = int(VTLP_KNEE_HZ * min(f, 1) / BIN_HZ)  # below the knee, bin k reads bin k / f
+        assert row[knee] == pytest.approx(knee / f, abs=1e-3)
+
+
+def test_vtlp_in_log_mel_changes_only_the_warped_utterances():
+    log_mel = LogMel()
+    waves, lengths = batch_of([speechlike(0.6, seed=1), speechlike(0.6, seed=2)])
+    plain, _ = log_mel(waves, lengths)
+    warped, frames = log_mel(waves, lengths, torch.tensor([1.0, 1.08]))
+    assert torch.allclose(warped[0], plain[0], atol=1e-5)
+    assert (warped[1] - plain[1]).abs().mean() > 0.05
+    assert torch.equal(frames, num_frames(lengths))
 
 
 def test_spec_augment_is_identity_in_eval_mode_and_when_disabled():

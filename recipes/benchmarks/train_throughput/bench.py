@@ -62,7 +62,7 @@ from asr.config import load_config
 from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate, scan_manifest
 from asr.errors import ConfigError, ManifestError
 from asr.features import (FRAMES_PER_SECOND, HOP_LENGTH, LOG_FLOOR, N_FFT, N_MELS, WIN_LENGTH, LogMel, SpecAugment,
-                          compute_stats)
+                          compute_stats, vtlp_factors)
 from asr.model import TIME_STRIDES, BiLSTMCTC, ModelConfig
 from asr.text import CharTokenizer
 from asr.train import TrainConfig, batch_loss, bf16_supported, optimizer_step, usable_rows
@@ -345,18 +345,21 @@ class TrainStep:
 
 class Features:
     """What the training step does to a loader batch before the model: waves to the device,
-    LogMel, SpecAugment when the config enables it (asr.train: from specaugment_from_epoch on,
-    which is every epoch but the first few; its steady state is what is timed here)."""
+    LogMel (with VTLP when the config sets `vtlp`), SpecAugment when the config enables it
+    (asr.train: both from specaugment_from_epoch on, which is every epoch but the first few; their
+    steady state is what is timed here)."""
 
     def __init__(self, config: TrainConfig, device: torch.device):
         self.device = device
         self.log_mel = LogMel().to(device)
         self.specaug = SpecAugment(config.specaugment).to(device).train()
         self.augment = config.specaugment.enabled
+        self.vtlp = config.vtlp
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         waves = batch["waves"].to(self.device, non_blocking=True)
-        feats, frames = self.log_mel(waves, batch["wave_lengths"].to(self.device, non_blocking=True))
+        warp = vtlp_factors(len(waves), self.vtlp, self.device)
+        feats, frames = self.log_mel(waves, batch["wave_lengths"].to(self.device, non_blocking=True), warp)
         if self.augment:
             feats = self.specaug(feats, frames)
         return feats, frames
