@@ -359,7 +359,8 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
     with _StopOnSignal() as stop, contextlib.ExitStack() as closing:
         if run_log:
             closing.callback(run_log.close)
-        while epoch < config.epochs and fraction_done() < 1.0:
+        # (An epoch stopped by a signal after its last step still owes its dev scores.)
+        while (epoch < config.epochs and fraction_done() < 1.0) or batch_in_epoch >= sampler.batches_per_epoch:
             net.train()
             sampler.set_epoch(epoch, batch_in_epoch)
             dataset.set_epoch(epoch)
@@ -432,11 +433,12 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
             if window.skipped or out_of_memory:
                 log.warning("skipped so far: %d step(s) with a non-finite gradient, %d batch(es) out of "
                             "memory", window.skipped, out_of_memory)
+            if stopping:  # saved where it stands, the same command resumes from here; an epoch
+                # that ran to its end is closed (dev scores, best.pt) first thing on resuming
+                save(last)
+                raise TrainingInterrupted(stop.signal or signal.SIGTERM, step, last)
             if batch_in_epoch >= sampler.batches_per_epoch:  # the epoch ran to its end
                 epoch, batch_in_epoch = epoch + 1, 0
-            if stopping:
-                save(last)  # where it stands; the same command resumes from here
-                raise TrainingInterrupted(stop.signal or signal.SIGTERM, step, last)
 
             rates = evaluate_dev(model, log_mel, tokenizer, dev_rows, device, progress, dist)
             net.train()

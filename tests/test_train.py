@@ -20,7 +20,9 @@ from asr.errors import ConfigError, ManifestError
 from asr.features import N_MELS
 from asr.model import BiLSTMCTC
 from asr.text import CharTokenizer
-from asr.train import OptimConfig, TrainConfig, bf16_supported, lr_factor, refuse_unusable, train, usable_rows
+from asr import train as train_module
+from asr.train import (OptimConfig, TrainConfig, TrainingInterrupted, bf16_supported, lr_factor, refuse_unusable, train,
+                       usable_rows)
 from conftest import noise, sine, write_audio
 
 
@@ -270,6 +272,38 @@ def test_a_file_without_statistics_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # Stopping a real `asr train` process: SIGTERM (as a batch scheduler sends) and kill -9.
+
+def test_a_signal_on_an_epochs_last_step_leaves_its_dev_scores_to_the_resumed_run(tiny_rows, tmp_path, monkeypatch):
+    """Stopped right after the last step of epoch 2 (of 3, two steps each), the run saves before
+    scoring dev; resuming scores that epoch first, so log, best model and weights are the
+    straight run's."""
+    config = ("epochs=3", "data.max_batch_size=2")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(tiny_config(*config), tiny_rows, tiny_rows, straight, progress=False)
+
+    calls, step = [], train_module.optimizer_step
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught: the step finishes, then training stops
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", step_then_signal)
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_config(*config), tiny_rows, tiny_rows, stopped, progress=False)
+    state = load_model_file(stopped / "last.pt")["train_state"]
+    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (1, 4, 2)  # epoch 2 not yet scored
+    assert [r["epoch"] for r in read_log(stopped / "log.csv") if r["dev_cer"]] == ["1"]
+
+    monkeypatch.setattr(train_module, "optimizer_step", step)
+    train(tiny_config(*config), tiny_rows, tiny_rows, stopped, progress=False)
+    assert comparable(stopped) == comparable(straight)
+    assert [r["epoch"] for r in read_log(stopped / "log.csv") if r["dev_cer"]] == ["1", "2", "3"]
+    for name in ("last.pt", "best.pt"):
+        ours, theirs = load_model_file(stopped / name)["model"], load_model_file(straight / name)["model"]
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
 
 KILL_SETTINGS = ["model.hidden_size=16", "model.num_layers=1", "model.conv_channels=4", "model.subsampling=2",
                  "data.num_workers=1", "optim.warmup_steps=3", "log_every=1", "save_every=1",
