@@ -242,7 +242,8 @@ def test_word_times_of_real_speech_after_added_silence():
         assert 0 <= w.start <= w.end <= duration
         assert after is None or after.start >= w.end
     assert onset - 0.05 <= words[0].start <= onset + 0.3
-    assert offset - 0.3 <= words[-1].end <= offset + 0.1
+    # CTC may emit a last letter a few frames after its sound ends (the silent E of GAVE): 0.2 s.
+    assert offset - 0.3 <= words[-1].end <= offset + 0.2
 
 
 def test_banded_alignment_of_long_audio_equals_the_full_one(monkeypatch):

@@ -38,9 +38,9 @@ asr=".venv/bin/asr"
 
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   echo "== stage 1: synthetic corpus -> $data"
-  # 800 voices x 12 sentences = 8.2 h: more voices generalise better than more epochs (see conf.yaml).
+  # 800 voices x 12 sentences = 5.8 h: more voices generalise better than more epochs (see conf.yaml).
   "$asr" prepare synthetic --out "$data" --train-speakers 800 --train-utts 12 \
-    --eval-speakers 10 --eval-utts 20 --max-words 16 --seed 0
+    --eval-speakers 40 --eval-utts 5 --max-words 16 --seed 0
 fi
 
 if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
