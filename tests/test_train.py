@@ -270,9 +270,6 @@ def test_a_file_without_statistics_is_refused(tmp_path):
         load_feature_stats(tmp_path / "gone.pt")
 
 
-# --------------------------------------------------------------------------------------------
-# Stopping a real `asr train` process: SIGTERM (as a batch scheduler sends) and kill -9.
-
 def test_a_signal_on_an_epochs_last_step_leaves_its_dev_scores_to_the_resumed_run(tiny_rows, tmp_path, monkeypatch):
     """Stopped right after the last step of epoch 2 (of 3, two steps each), the run saves before
     scoring dev; resuming scores that epoch first, so log, best model and weights are the
@@ -304,6 +301,9 @@ def test_a_signal_on_an_epochs_last_step_leaves_its_dev_scores_to_the_resumed_ru
         ours, theirs = load_model_file(stopped / name)["model"], load_model_file(straight / name)["model"]
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
+
+# --------------------------------------------------------------------------------------------
+# Stopping a real `asr train` process: SIGTERM (as a batch scheduler sends) and kill -9.
 
 KILL_SETTINGS = ["model.hidden_size=16", "model.num_layers=1", "model.conv_channels=4", "model.subsampling=2",
                  "data.num_workers=1", "optim.warmup_steps=3", "log_every=1", "save_every=1",
