@@ -1,10 +1,13 @@
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+import torchaudio
 
-from asr.audio import SAMPLE_RATE, audio_duration, change_speed, load_audio
+from asr.audio import MAX_RATIO_TERM, SAMPLE_RATE, _resampler, audio_duration, change_speed, load_audio, resample
 from asr.errors import AudioError
 from conftest import assert_error_names_file, read_jsonl, sine, write_audio
 
@@ -90,6 +93,19 @@ def test_odd_length_resample(tmp_path):
     # 44100 -> 16000 is the ratio 160/441: 1001 samples give ceil(1001 * 160 / 441) = 364
     path = write_audio(tmp_path / "odd.wav", sine(440, 1001 / 44100, 44100), 44100)
     assert len(load_audio(path)) == 364
+
+
+@pytest.mark.parametrize("orig", [22050, 44100, 8000, 16001])
+def test_resample_keeps_one_filter_per_rate_pair_with_torchaudios_numbers(orig):
+    """The filter is built once per pair of rates (espeak-ng's 22050 Hz, a CD's 44100 Hz, ...) and
+    gives what torchaudio.functional.resample gives, bit for bit, an odd rate (16001 Hz) included
+    as the nearest ratio with terms up to MAX_RATIO_TERM."""
+    wave = np.random.default_rng(orig).standard_normal(orig // 3).astype(np.float32)
+    ratio = Fraction(SAMPLE_RATE, orig).limit_denominator(MAX_RATIO_TERM)
+    expected = torchaudio.functional.resample(torch.from_numpy(wave), ratio.denominator, ratio.numerator).numpy()
+    for _ in range(2):
+        np.testing.assert_array_equal(resample(wave, orig), expected)
+    assert _resampler(ratio.denominator, ratio.numerator) is _resampler(ratio.denominator, ratio.numerator)
 
 
 def assert_audio_error(path, *words):
