@@ -2,6 +2,8 @@
 
 Each step: waves (B, N) -> LogMel (B, T, 80; VTLP inside) -> SpecAugment -> BiLSTMCTC (B, T', V)
 -> CTC loss (fp32, zero_infinity) -> AdamW step with warm-up and late decay, gradients clipped.
+With `data.cache_features` the LogMel of every utterance is computed once before training and
+batches start from those features (for corpora that fit in memory and fixed features).
 Training ends after `epochs` or `max_minutes`, whichever comes first; the LR decay follows
 whichever is nearer, so a time-boxed run still ends on a low learning rate.
 Each epoch ends with greedy WER/CER on the dev set; `last.pt` (with the full training state)
@@ -25,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from asr.audio import SAMPLE_RATE, load_audio
 from asr.checkpoint import load_feature_stats, load_model_file, save_feature_stats, save_model_file
 from asr.config import from_dict, to_dict
-from asr.data import BucketBatchSampler, Problem, SpeechDataset, Utterance, check_rows, collate
+from asr.data import (BucketBatchSampler, FeatureDataset, Problem, SpeechDataset, Utterance, check_rows, collate,
+                      collate_features)
 from asr.decode import GreedyDecoder
 from asr.errors import AudioError, ConfigError, ManifestError
 from asr.features import (FRAMES_PER_SECOND, N_MELS, LogMel, SpecAugment, SpecAugmentConfig, compute_stats,
@@ -74,6 +77,9 @@ class DataConfig:
     speeds: tuple[float, ...] = (1.0,)  # speed perturbation: each utterance, each epoch, at one
                                         # of these speeds (Kaldi and ESPnet use 0.9, 1.0, 1.1)
     stats_utterances: int = 500  # utterances sampled for the global mean/std
+    cache_features: bool = False  # compute each training utterance's features once and keep them
+                                  # in memory (~58 MB per hour of audio) instead of decoding the
+                                  # audio every epoch: ~15% more steps on 2 CPU cores
 
     def __post_init__(self):
         if not self.speeds or min(self.speeds) <= 0:
@@ -105,6 +111,9 @@ class TrainConfig:
     def __post_init__(self):
         if not 0 <= self.vtlp < 1:
             raise ConfigError(f"vtlp={self.vtlp}: need 0 (off) to below 1; 0.1 is usual")
+        if self.data.cache_features and (self.vtlp or tuple(self.data.speeds) != (1.0,)):
+            raise ConfigError("data.cache_features keeps each utterance's features fixed, so it cannot "
+                              "go with vtlp or data.speeds, which change them every epoch: turn one off")
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -192,6 +201,63 @@ def feature_stats(rows: list[Utterance], config: TrainConfig, log_mel: LogMel) -
         raise ConfigError(f"train: none of the {len(sample)} utterances sampled for the feature "
                           "statistics could be read") from None
     return {"mean": mean.cpu(), "std": std.cpu()}
+
+
+CACHE_BATCH_SECONDS = 100.0  # audio per batch while features are cached
+
+
+@torch.no_grad()
+def cached_features(rows: list[Utterance], tokenizer: CharTokenizer, log_mel: LogMel, config: TrainConfig,
+                    progress: bool) -> FeatureDataset:
+    """Every training utterance's normalised log-mel, computed once and kept as float16. The
+    batches are fixed by the rows alone (by duration), so a resumed run computes the very same
+    numbers; unreadable files keep their message and are left out of training as uncached."""
+    batches = BucketBatchSampler([r.duration for r in rows], CACHE_BATCH_SECONDS,
+                                 max_batch_size=config.data.max_batch_size)  # epoch 0: sorted, not shuffled
+    loader = DataLoader(_IndexedWaves(rows), batch_sampler=batches, collate_fn=_pad_waves,
+                        num_workers=config.data.num_workers, worker_init_fn=_ignore_sigint,
+                        generator=torch.Generator())  # leaves the global RNG alone
+    device = log_mel.mean.device
+    features: list[torch.Tensor | str] = [""] * len(rows)
+    samples = [0] * len(rows)
+    with tqdm(total=len(rows), desc="features", unit="utt", disable=not progress, dynamic_ncols=True) as bar:
+        for index, waves, lengths, failed in loader:
+            for i, message in failed:
+                features[i] = message
+            if index:
+                feats, frames = log_mel(waves.to(device), lengths.to(device))
+                for j, i in enumerate(index):
+                    features[i] = feats[j, : frames[j]].to(torch.float16).cpu()  # a copy, not a view
+                    samples[i] = int(lengths[j])
+            bar.update(len(index) + len(failed))
+    size = sum(f.numel() * f.element_size() for f in features if not isinstance(f, str))
+    log.info("features of %d training utterances cached in memory (%.0f MB)", len(rows), size / 2**20)
+    return FeatureDataset(rows, tokenizer, features, samples)
+
+
+class _IndexedWaves(Dataset):
+    """(index, wave, "") for each row, or (index, None, why it cannot be read)."""
+
+    def __init__(self, rows: list[Utterance]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, torch.from_numpy(load_audio(self.rows[i].audio)), ""
+        except AudioError as e:
+            return i, None, str(e)
+
+
+def _pad_waves(items: list[tuple]) -> tuple:
+    """(indices, (B, N) zero-padded waves, (B,) lengths, [(index, message)] of the unreadable)."""
+    kept = [(i, wave) for i, wave, _ in items if wave is not None]
+    failed = [(i, message) for i, wave, message in items if wave is None]
+    waves = [wave for _, wave in kept]
+    padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True) if waves else torch.zeros(0, 0)
+    return [i for i, _ in kept], padded, torch.tensor([len(w) for w in waves], dtype=torch.long), failed
 
 
 def train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utterance],
@@ -319,7 +385,12 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
         if dist.main:
             save_model_file(out, path)
 
-    dataset = SpeechDataset(train_rows, tokenizer, speeds=config.data.speeds, seed=config.seed)
+    if config.data.cache_features:
+        dataset, collate_batch, workers = (cached_features(train_rows, tokenizer, log_mel, config, progress),
+                                           collate_features, 0)
+    else:
+        dataset = SpeechDataset(train_rows, tokenizer, speeds=config.data.speeds, seed=config.seed)
+        collate_batch, workers = collate, config.data.num_workers
     ctc = torch.nn.CTCLoss(blank=tokenizer.blank_id, reduction="sum", zero_infinity=True)
     run_log = _RunLog(exp_dir, keep_rows=log_rows, tensorboard=config.tensorboard) if dist.main else None
     log.info("model: %.2f M parameters; %d training utterances (%.1f h), %d batches per epoch%s "
@@ -338,10 +409,14 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
         the parameters' (averaged over the ranks at a group's last batch). Its tensors die with
         this frame, so an out-of-memory error leaves nothing behind."""
         with dist.accumulating(net, not last_of_group):
-            waves = batch["waves"].to(device, non_blocking=True)
             augment = epoch >= config.specaugment_from_epoch
-            warp = vtlp_factors(len(waves), config.vtlp, device) if augment else None
-            feats, frames = log_mel(waves, batch["wave_lengths"].to(device, non_blocking=True), warp)
+            if "feats" in batch:  # cached: normalised already
+                feats = batch["feats"].to(device, non_blocking=True).float()
+                frames = batch["frames"].to(device, non_blocking=True)
+            else:
+                waves = batch["waves"].to(device, non_blocking=True)
+                warp = vtlp_factors(len(waves), config.vtlp, device) if augment else None
+                feats, frames = log_mel(waves, batch["wave_lengths"].to(device, non_blocking=True), warp)
             if augment:
                 feats = specaug(feats, frames)
             loss = batch_loss(net, model, ctc, feats, frames, batch["wave_lengths"],
@@ -364,8 +439,8 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
             net.train()
             sampler.set_epoch(epoch, batch_in_epoch)
             dataset.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
+            loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
+                                num_workers=workers, pin_memory=device.type == "cuda",
                                 worker_init_fn=_ignore_sigint,
                                 generator=torch.Generator().manual_seed(config.seed + epoch))  # leaves the global RNG alone
             bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{config.epochs}",

@@ -115,6 +115,13 @@ def test_list_values_from_yaml_and_overrides(tmp_path):
         load_config(TrainConfig, None, ["data.speeds=[0.0, 1.0]"])
 
 
+def test_cached_features_refuse_augmentations_that_change_them():
+    assert load_config(TrainConfig, None, ["data.cache_features=true"]).data.cache_features
+    for clash in ("vtlp=0.1", "data.speeds=[0.9,1.0,1.1]"):
+        with pytest.raises(ConfigError, match="cache_features"):
+            load_config(TrainConfig, None, ["data.cache_features=true", clash])
+
+
 def test_vtlp_must_leave_a_spectrum():
     assert load_config(TrainConfig, None, ["vtlp=0.1"]).vtlp == 0.1
     for bad in ("1.0", "-0.1"):

@@ -4,6 +4,7 @@ import csv
 import logging
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -15,9 +16,10 @@ import torch
 
 from asr.checkpoint import load_model_file, save_feature_stats
 from asr.config import load_config
-from asr.data import Problem, Utterance, write_manifest
+from asr.audio import load_audio
+from asr.data import Problem, Utterance, collate_features, write_manifest
 from asr.errors import ConfigError, ManifestError
-from asr.features import N_MELS
+from asr.features import N_MELS, LogMel
 from asr.model import BiLSTMCTC
 from asr.text import CharTokenizer
 from asr import train as train_module
@@ -169,19 +171,60 @@ def test_unusable_rows_are_listed_in_the_experiment_folder(tiny_rows, tmp_path):
     assert not (exp / "problems.txt").exists()  # a clean run leaves no stale list behind
 
 
-def test_audio_that_breaks_mid_training_costs_its_utterance_not_the_run(tiny_rows, tmp_path, caplog):
-    """A file that passed the checks but cannot be decoded when its batch comes is left out
-    with one warning naming it; the run goes on and every other utterance is trained on."""
+@pytest.mark.parametrize("cache", ["false", "true"])
+def test_audio_that_breaks_mid_training_costs_its_utterance_not_the_run(tiny_rows, tmp_path, caplog, cache):
+    """A file that passed the checks but cannot be decoded when its batch comes (or when the
+    features are cached) is left out with one warning naming it; the run goes on and every
+    other utterance is trained on."""
     Path(tiny_rows[2].audio).write_bytes(b"RIFF\x00\x00garbage")
     exp = tmp_path / "exp"
     with caplog.at_level(logging.WARNING, logger="asr"):
-        train(tiny_config("epochs=2", "data.max_batch_size=1", "save_every=0"), tiny_rows, tiny_rows[:2], exp,
-              progress=False)
+        train(tiny_config("epochs=2", "data.max_batch_size=1", "save_every=0", f"data.cache_features={cache}"),
+              tiny_rows, tiny_rows[:2], exp, progress=False)
     warned = [r.getMessage() for r in caplog.records if "left out of training" in r.getMessage()]
     assert len(warned) == 1 and "u2.wav" in warned[0] and "cannot decode" in warned[0]
     state = load_model_file(exp / "last.pt")["train_state"]
     # 4 steps an epoch: the one whose only utterance is gone updates nothing (it has no gradient).
     assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (2, 8, 0)
+
+
+def test_cached_features_are_the_log_mel_of_each_utterance_and_train_alike(tiny_rows, tmp_path):
+    """The cache holds each utterance's normalised log-mel as the training step would compute
+    it (to float16 precision), and a run on it logs the losses of a run on the audio."""
+    config = tiny_config("data.cache_features=true")
+    log_mel = LogMel()
+    log_mel.set_stats(torch.full((N_MELS,), -5.0), torch.full((N_MELS,), 3.0))
+    cached = train_module.cached_features(tiny_rows, CharTokenizer(), log_mel, config, progress=False)
+    for i, row in enumerate(tiny_rows):
+        wave = torch.from_numpy(load_audio(row.audio))
+        feats, frames = log_mel(wave[None], torch.tensor([len(wave)]))
+        uid, got, target, text, samples = cached[i]
+        assert (uid, text, samples) == (row.id, row.text, len(wave)) and got.dtype == torch.float16
+        assert got.shape == (frames.item(), N_MELS)
+        torch.testing.assert_close(got.float(), feats[0], atol=4e-3, rtol=1e-3)
+        assert CharTokenizer().decode(target.tolist()) == row.text
+    batch = collate_features([cached[1], cached[3]])
+    assert batch["feats"].shape == (2, max(len(cached[i][1]) for i in (1, 3)), N_MELS)
+    assert batch["frames"].tolist() == [len(cached[1][1]), len(cached[3][1])]
+
+    # From a loader worker, as training runs it: more utterances than the process may open files.
+    many = [Utterance(f"{r.id}-{k}", r.audio, r.duration, r.text) for k in range(150) for r in tiny_rows]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        cached = train_module.cached_features(many, CharTokenizer(), log_mel, tiny_config("data.num_workers=1"),
+                                              progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(cached) == 600 and torch.equal(cached[599][1], cached[3][1])
+
+    settings = ("epochs=2", "data.max_batch_size=2", "model.dropout=0")
+    train(tiny_config(*settings), tiny_rows, tiny_rows, tmp_path / "audio", progress=False)
+    train(tiny_config(*settings, "data.cache_features=true"), tiny_rows, tiny_rows, tmp_path / "cached",
+          progress=False)
+    losses = [[float(r["loss"]) for r in read_log(tmp_path / name / "log.csv") if r["loss"]]
+              for name in ("audio", "cached")]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-2)
 
 
 def test_resume_with_more_epochs_goes_on_with_the_saved_config(tiny_rows, tmp_path, caplog):
@@ -270,11 +313,13 @@ def test_a_file_without_statistics_is_refused(tmp_path):
         load_feature_stats(tmp_path / "gone.pt")
 
 
-def test_a_signal_on_an_epochs_last_step_leaves_its_dev_scores_to_the_resumed_run(tiny_rows, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache", ["false", "true"])
+def test_a_signal_on_an_epochs_last_step_leaves_its_dev_scores_to_the_resumed_run(tiny_rows, tmp_path, monkeypatch,
+                                                                                   cache):
     """Stopped right after the last step of epoch 2 (of 3, two steps each), the run saves before
     scoring dev; resuming scores that epoch first, so log, best model and weights are the
-    straight run's."""
-    config = ("epochs=3", "data.max_batch_size=2")
+    straight run's (with cached features too: the resumed run computes the same ones)."""
+    config = ("epochs=3", "data.max_batch_size=2", f"data.cache_features={cache}")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(tiny_config(*config), tiny_rows, tiny_rows, straight, progress=False)
 

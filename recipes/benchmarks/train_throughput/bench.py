@@ -10,6 +10,9 @@ present), four measurements of the same code path asr.train runs:
     pipeline     DataLoader(SpeechDataset, BucketBatchSampler, collate) with the config's workers
                  (decode, speed perturbation) -> to the device -> LogMel (+ SpecAugment): no model
     full step    both, as training runs them: the workers load the next batches while the model steps
+    cached step  the full step with data.cache_features: log-mel computed once for (up to
+                 CACHED_ROWS of) the rows by asr.train.cached_features, then batches padded from
+                 memory in the main process, as training does with the option on
     librosa      the pipeline many recipes use instead: per-utterance librosa.feature.melspectrogram
                  in the DataLoader workers (the same 80 Slaney mels, 25 ms / 10 ms at 16 kHz), the
                  padded features then moved to the device and normalised (+ SpecAugment)
@@ -65,7 +68,8 @@ from asr.features import (FRAMES_PER_SECOND, HOP_LENGTH, LOG_FLOOR, N_FFT, N_MEL
                           compute_stats, vtlp_factors)
 from asr.model import TIME_STRIDES, BiLSTMCTC, ModelConfig
 from asr.text import CharTokenizer
-from asr.train import TrainConfig, batch_loss, bf16_supported, optimizer_step, usable_rows
+from asr.data import collate_features as collate_cached
+from asr.train import TrainConfig, batch_loss, bf16_supported, cached_features, optimizer_step, usable_rows
 
 CONFIGS = {"demo": "recipes/demo/conf.yaml", "clean100": "recipes/librispeech/conf/clean100.yaml"}
 # Generated audio, by config name: durations in seconds (uniform, or skewed to the long end as
@@ -75,6 +79,7 @@ SYNTHETIC = {"demo": {"low": 1.0, "high": 5.0, "long_skew": False, "files": 160}
 CHARS_PER_SECOND = 14  # LibriSpeech reads ~15 characters/s; the demo corpus speaks <= ~17
 BATCHES_PER_EPOCH = 500  # generated manifests: an epoch (and its worker start-up) outlasts the measurement
 MODEL_STEP_BATCHES = 3  # distinct precomputed batches the model step cycles through
+CACHED_ROWS = 1000  # rows whose features the cached step computes first (seconds, not minutes)
 STARVED_BELOW = 5.0  # the pipeline must be this many times faster than the model step
 COLUMNS = (
     "Audio-s/s: seconds of audio (as the model hears it: after speed perturbation, padding excluded) per "
@@ -84,7 +89,8 @@ COLUMNS = (
     "device, LogMel and SpecAugment when enabled; no model. pipeline ÷ model: ✓ when the pipeline is at "
     f"least {STARVED_BELOW:g}× faster than the model step, so that feature extraction is not what training "
     "waits for. full step: both together as in training (workers prepare the next batches while the model "
-    "steps). GFLOP / audio-s: training FLOPs (3 × forward, counted from the config) per second of audio. "
+    "steps). cached step: the full step with data.cache_features, features computed once beforehand and "
+    "batches padded from memory, no loader workers; cached ÷ full: what the option gains. GFLOP / audio-s: training FLOPs (3 × forward, counted from the config) per second of audio. "
     "achieved: GFLOP/audio-s × model-step audio-s/s, in TFLOP/s (useful work; padding not counted). "
     "peak: the device's dense peak for the arithmetic used (see each row's note); utilisation: achieved ÷ peak. "
     "librosa pipeline: the same loader with per-utterance librosa.feature.melspectrogram in the workers "
@@ -423,14 +429,15 @@ class LibrosaFeatures(Features):
 
 
 def loader_batches(dataset, sampler: BucketBatchSampler, config: TrainConfig, device: torch.device,
-                   collate_fn=collate) -> Iterator[dict]:
+                   collate_fn=collate, workers: int | None = None) -> Iterator[dict]:
     """Batches as asr.train's DataLoader makes them, epoch after epoch from epoch 1 (shuffled
     batches: the mix of durations of every epoch but a SortaGrad first one)."""
     for epoch in itertools.count(1):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         yield from DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
-                              num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
+                              num_workers=config.data.num_workers if workers is None else workers,
+                              pin_memory=device.type == "cuda",
                               generator=torch.Generator().manual_seed(config.seed + epoch))
 
 
@@ -499,6 +506,7 @@ class Row:
     model: Timing
     pipeline: Timing
     full: Timing
+    cached: Timing
     librosa: Timing | None
     peak: float | None
     peak_note: str
@@ -565,6 +573,28 @@ def measure(name: str, config: TrainConfig, rows: list[Utterance], device: torch
                      + (f" ({', '.join(sorted(set(syncs)))})" if syncs else ""))
     batches.close()
 
+    # The full step from features cached once (data.cache_features): no loader workers, as in training.
+    cached_rows = rows[:CACHED_ROWS]
+    start = time.perf_counter()
+    cache = cached_features(cached_rows, tokenizer, features.log_mel, config, progress=False)
+    caching = time.perf_counter() - start
+    cached_sampler = BucketBatchSampler([r.duration for r in cached_rows], config.data.max_batch_seconds,
+                                        max_batch_size=config.data.max_batch_size, seed=config.seed)
+
+    def cached_step(b: dict) -> None:
+        feats = b["feats"].to(device, non_blocking=True).float()
+        frames = b["frames"].to(device, non_blocking=True)
+        if features.augment:
+            feats = features.specaug(feats, frames)
+        step(feats, frames, b["wave_lengths"], b["targets"].to(device, non_blocking=True), b["target_lengths"])
+
+    batches = loader_batches(cache, cached_sampler, config, device, collate_cached, workers=0)
+    cached = timed(batches, cached_step, device, args)
+    batches.close()
+    del cache
+    print(f"{tag}: cached step {cached.rate:.1f} audio-s/s ({cached.steps} batches in {cached.wall:.1f} s)",
+          flush=True)
+
     librosa = None
     if not args.no_librosa:
         theirs = LibrosaFeatures(config, device)
@@ -591,13 +621,18 @@ def measure(name: str, config: TrainConfig, rows: list[Utterance], device: torch
         f"{100 * sampler.padding_efficiency:.1f}% (the device computes {1 / sampler.padding_efficiency:.2f}x the "
         "useful FLOPs counted here)",
         f"timed: model step {model.steps} batches / {model.wall:.1f} s, pipeline {pipeline.steps} / "
-        f"{pipeline.wall:.1f} s, full step {full.steps} / {full.wall:.1f} s"
+        f"{pipeline.wall:.1f} s, full step {full.steps} / {full.wall:.1f} s, cached step {cached.steps} / "
+        f"{cached.wall:.1f} s"
         + (f", librosa {librosa.steps} / {librosa.wall:.1f} s" if librosa else ""),
+        f"cached step: features of {len(cached_rows)} rows ({sum(r.duration for r in cached_rows) / 3600:.1f} h) "
+        f"computed in {caching:.1f} s first, {sum(r.duration for r in cached_rows) / caching:.0f} audio-s/s"
+        + ("; this config's speed perturbation or VTLP rules the option out (it is timed here without them)"
+           if config.vtlp or tuple(config.data.speeds) != (1.0,) else ""),
         f"peak: {peak_note}",
     ]
     return Row(name, str(device), step.model.num_parameters() / 1e6,
                f"{config.data.max_batch_seconds:g} s", training_flops_per_audio_second(config.model, len(tokenizer)),
-               model, pipeline, full, librosa, peak, peak_note, notes)
+               model, pipeline, full, cached, librosa, peak, peak_note, notes)
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -613,15 +648,17 @@ def machine(devices: list[torch.device]) -> str:
 
 def table(rows: list[Row]) -> list[str]:
     lines = ["| config | device | params | batch | GFLOP / audio-s | model step | pipeline | pipeline ÷ model "
-             "| full step | achieved TFLOP/s | peak TFLOP/s | utilisation | librosa pipeline | ours ÷ librosa |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| full step | cached step | cached ÷ full | achieved TFLOP/s | peak TFLOP/s | utilisation "
+             "| librosa pipeline | ours ÷ librosa |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         achieved = r.flops * r.model.rate
         ratio = r.pipeline.rate / r.model.rate
         verdict = "✓" if ratio >= STARVED_BELOW else "✗ starves"
         lines.append(
             f"| {r.config} | {r.device} | {r.params:.1f} M | {r.batch} | {r.flops / 1e9:.2f} | {r.model.rate:.3g} "
-            f"| {r.pipeline.rate:.3g} | {ratio:.1f}× {verdict} | {r.full.rate:.3g} | {achieved / 1e12:.3g} "
+            f"| {r.pipeline.rate:.3g} | {ratio:.1f}× {verdict} | {r.full.rate:.3g} | {r.cached.rate:.3g} "
+            f"| {r.cached.rate / r.full.rate:.2f}× | {achieved / 1e12:.3g} "
             f"| {f'{r.peak / 1e12:.3g}' if r.peak else 'unknown'} "
             f"| {f'{100 * achieved / r.peak:.1f}%' if r.peak else '—'} "
             f"| {f'{r.librosa.rate:.3g}' if r.librosa else '—'} "
