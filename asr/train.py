@@ -79,7 +79,7 @@ class DataConfig:
     stats_utterances: int = 500  # utterances sampled for the global mean/std
     cache_features: bool = False  # compute each training utterance's features once and keep them
                                   # in memory (~58 MB per hour of audio) instead of decoding the
-                                  # audio every epoch: ~15% more steps on 2 CPU cores
+                                  # audio every epoch: ~20% more steps on 2 CPU cores
 
     def __post_init__(self):
         if not self.speeds or min(self.speeds) <= 0:
