@@ -2,7 +2,7 @@
 how much of the device that is, and whether the input pipeline keeps up.
 
 For each config (the demo's, LibriSpeech clean100's) and each device (CPU always, CUDA when
-present), four measurements of the same code path asr.train runs:
+present), five measurements of the same code path asr.train runs:
 
     model step   precomputed (B, T, 80) features on the device -> BiLSTMCTC (bf16 autocast when
                  the config asks and the device has it) -> CTC loss -> backward -> clip -> fused
@@ -62,13 +62,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from asr.audio import SAMPLE_RATE, load_audio
 from asr.config import load_config
-from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate, scan_manifest
+from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate, collate_features, scan_manifest
 from asr.errors import ConfigError, ManifestError
 from asr.features import (FRAMES_PER_SECOND, HOP_LENGTH, LOG_FLOOR, N_FFT, N_MELS, WIN_LENGTH, LogMel, SpecAugment,
                           compute_stats, vtlp_factors)
 from asr.model import TIME_STRIDES, BiLSTMCTC, ModelConfig
 from asr.text import CharTokenizer
-from asr.data import collate_features as collate_cached
 from asr.train import TrainConfig, batch_loss, bf16_supported, cached_features, optimizer_step, usable_rows
 
 CONFIGS = {"demo": "recipes/demo/conf.yaml", "clean100": "recipes/librispeech/conf/clean100.yaml"}
@@ -373,7 +372,8 @@ class Features:
 
 class LibrosaDataset(Dataset):
     """The other way: SpeechDataset's items with log-mel computed per utterance in the worker by
-    librosa, as many recipes do. Items: (id, (T, N_MELS) un-normalised log-mel, targets, text, samples)."""
+    librosa, as many recipes do. Items as FeatureDataset's (asr.data.collate_features pads them):
+    (id, (T, N_MELS) un-normalised log-mel, targets, text, samples)."""
 
     def __init__(self, dataset: SpeechDataset):
         self.dataset = dataset
@@ -399,19 +399,6 @@ def librosa_log_mel(wave: np.ndarray) -> np.ndarray:
                                          hop_length=HOP_LENGTH, n_mels=N_MELS, power=2.0, center=True,
                                          pad_mode="constant")  # (N_MELS, T), Slaney mels as LogMel's
     return np.ascontiguousarray(np.log(mel + LOG_FLOOR).T, dtype=np.float32)  # (N_MELS, T) -> (T, N_MELS)
-
-
-def collate_features(items) -> dict:
-    """LibrosaDataset items -> {"ids", "feats" (B, T, N_MELS) zero-padded, "frames" (B,),
-    "wave_lengths" (B,) samples, "targets", "target_lengths"}."""
-    items = [item for item in items if item[1] is not None]
-    if not items:
-        return {"ids": [], "wave_lengths": torch.zeros(0, dtype=torch.long)}
-    ids, feats, targets, _, samples = zip(*items)
-    return {"ids": list(ids), "feats": torch.nn.utils.rnn.pad_sequence(feats, batch_first=True),
-            "frames": torch.tensor([len(f) for f in feats]), "wave_lengths": torch.tensor(samples),
-            "targets": torch.nn.utils.rnn.pad_sequence(targets, batch_first=True),
-            "target_lengths": torch.tensor([len(t) for t in targets])}
 
 
 class LibrosaFeatures(Features):
@@ -588,7 +575,7 @@ def measure(name: str, config: TrainConfig, rows: list[Utterance], device: torch
             feats = features.specaug(feats, frames)
         step(feats, frames, b["wave_lengths"], b["targets"].to(device, non_blocking=True), b["target_lengths"])
 
-    batches = loader_batches(cache, cached_sampler, config, device, collate_cached, workers=0)
+    batches = loader_batches(cache, cached_sampler, config, device, collate_features, workers=0)
     cached = timed(batches, cached_step, device, args)
     batches.close()
     del cache
