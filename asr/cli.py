@@ -104,10 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn = corpora.add_parser("synthetic", help="speak an offline corpus with espeak-ng, then write its manifests",
                              description="Build the offline synthetic corpus (LibriSpeech layout, spoken by "
                              "espeak-ng/flite) and write train/dev/test manifests beside it. The defaults are "
-                             "the demo's corpus: 15.6 h of training speech, about 5 minutes on 2 cores.")
+                             "the demo's corpus: 19.6 h of training speech, about 4 minutes on 2 cores.")
     syn.add_argument("--out", required=True, type=Path, help="corpus folder; manifests go to OUT/<split>.jsonl")
     syn.add_argument("--train-speakers", type=int, default=800, help="voices in train (default %(default)s)")
-    syn.add_argument("--train-utts", type=int, default=32, help="utterances per train voice (default %(default)s)")
+    syn.add_argument("--train-utts", type=int, default=40, help="utterances per train voice (default %(default)s)")
     syn.add_argument("--eval-speakers", type=int, default=40, help="voices in dev and in test each (default %(default)s)")
     syn.add_argument("--eval-utts", type=int, default=5, help="utterances per dev/test voice (default %(default)s)")
     syn.add_argument("--max-words", type=int, default=16, help="longest sentence in words (default %(default)s)")

@@ -235,10 +235,10 @@ class _EspeakLibrary:
                                 ctypes.c_void_p)
 
     def __init__(self):
-        name = ctypes.util.find_library("espeak-ng")
-        if name is None:
-            raise RuntimeError("libespeak-ng not found: apt-get install espeak-ng")
-        lib = self.lib = ctypes.CDLL(name)
+        try:
+            lib = self.lib = ctypes.CDLL(ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1")
+        except OSError as error:
+            raise RuntimeError(f"libespeak-ng not found ({error}): apt-get install espeak-ng") from None
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]

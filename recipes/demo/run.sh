@@ -38,8 +38,8 @@ asr=".venv/bin/asr"
 
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   echo "== stage 1: synthetic corpus -> $data"
-  # 800 voices x 32 sentences = 15.6 h: more voices and sentences beat more epochs (see conf.yaml).
-  "$asr" prepare synthetic --out "$data" --train-speakers 800 --train-utts 32 \
+  # 800 voices x 40 sentences = 19.6 h: more voices and sentences beat more epochs (see conf.yaml).
+  "$asr" prepare synthetic --out "$data" --train-speakers 800 --train-utts 40 \
     --eval-speakers 40 --eval-utts 5 --max-words 16 --seed 0
 fi
 
