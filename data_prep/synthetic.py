@@ -300,8 +300,10 @@ def speak_espeak(texts: list[str], speaker: Speaker) -> tuple[list[np.ndarray], 
         try:
             status, waves, rate = pickle.load(pipe)
         except EOFError:
-            status, waves, rate = "error", "the speaking process died", 0
-    os.waitpid(pid, 0)
+            status, waves, rate = "error", "", 0
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if status == "error" and not waves:  # it died before it could reply (a crash in the library)
+        waves = f"the speaking process died ({f'signal {-code}' if code < 0 else f'exit status {code}'})"
     if status != "ok":
         raise RuntimeError(f"espeak-ng, {speaker}: {waves}")
     return [w.astype(np.float32) / 32768 for w in waves], rate

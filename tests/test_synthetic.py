@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import shutil
 import warnings
 from pathlib import Path
@@ -180,6 +182,17 @@ def test_espeak_library_speaks_as_the_program_and_reproducibly():
         assert all(len(w) > rate * 0.3 for w in waves)  # each text spoken, not an empty reply
     with pytest.raises(RuntimeError, match="no voice 'en-xx'"):
         synthetic.speak_espeak(["hello"], synthetic.Speaker("espeak-ng", "en-xx", "", 170, 50))
+
+
+def test_a_crash_while_speaking_is_reported_with_its_speaker(monkeypatch):
+    class Crashing:  # what a segfault in the library looks like from outside
+        def __init__(self):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(synthetic, "_EspeakLibrary", Crashing)
+    speaker = synthetic.Speaker("espeak-ng", "en-us", "f2", 170, 50)
+    with pytest.raises(RuntimeError, match=r"voice='en-us'.*died \(signal 9\)"):
+        synthetic.speak_espeak(["hello"], speaker)
 
 
 @needs_dictionary
