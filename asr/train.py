@@ -8,11 +8,13 @@ Training ends after `epochs` or `max_minutes`, whichever comes first; the LR dec
 whichever is nearer, so a time-boxed run still ends on a low learning rate.
 Each epoch ends with greedy WER/CER on the dev set; `last.pt` (with the full training state)
 is written every `save_every` steps and at each epoch's end, `best.pt` whenever dev CER improves.
+With `optim.ema` a moving average of the weights is what dev scoring and both files use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import logging
 import math
@@ -59,10 +61,14 @@ class OptimConfig:
     final_lr: float = 0.05  # as a fraction of the peak
     grad_clip: float = 5.0
     grad_accum: int = 1  # batches whose gradients make one step: the same step on a smaller GPU
+    ema: float = 0.0  # decay of an exponential moving average of the weights, which dev scoring
+                      # and the model files use (0: off; 0.999 averages over ~1000 steps)
 
     def __post_init__(self):
         if self.grad_accum < 1:
             raise ConfigError(f"optim.grad_accum={self.grad_accum}: need 1 or more")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"optim.ema={self.ema}: need 0 (off) to below 1; 0.999 is usual")
 
 
 @dataclass
@@ -138,6 +144,24 @@ def lr_factor(step: int, progress: float, c: OptimConfig) -> float:
         return 1.0
     decay = min(1.0, (progress - c.decay_start) / (1 - c.decay_start))
     return c.final_lr + (1 - c.final_lr) * 0.5 * (1 + math.cos(math.pi * decay))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, updated after each optimizer step.
+    Its decay ramps up as (1 + step) / (10 + step) until it reaches `decay`, so the random
+    initial weights are soon forgotten."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Move the average towards `model`'s weights after optimizer step `step` (0-based)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
 
 
 def usable_rows(rows: list[Utterance], tokenizer: CharTokenizer, config: TrainConfig, name: str,
@@ -322,8 +346,12 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
         return {}
     specaug = SpecAugment(config.specaugment).to(device)
     model = BiLSTMCTC(config.model, len(tokenizer)).to(device)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
+    if resumed is not None:  # with a weight average, the file's "model" is the average
+        model.load_state_dict(resumed["train_state"].get("weights", resumed["model"]))
+    average = WeightAverage(model, config.optim.ema) if config.optim.ema else None
+    if average and resumed is not None:
+        average.model.load_state_dict(resumed["model"])
+    scored = average.model if average else model  # what dev scoring and the model files use
     net = dist.wrap(model)  # what the step runs: the model, or DDP around it
     # The fused kernel updates all tensors in one pass (2 ms a step on 2 CPU cores against 29 ms)
     # and can skip an update on the device when told to, without a host-device sync.
@@ -368,7 +396,7 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
             "model_config": to_dict(config.model),
             "tokens": tokenizer.tokens,
             "feature_stats": {"mean": log_mel.mean.cpu(), "std": log_mel.std.cpu()},
-            "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "model": {k: v.cpu() for k, v in scored.state_dict().items()},
             "decoding": {"decoder": "greedy"},
             "train_config": to_dict(config),  # what made these weights, for RESULTS.md
         }
@@ -378,6 +406,8 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
                 "rng_by_rank": rng_by_rank, "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
                 "elapsed": elapsed, "best": best, "log_rows": run_log.rows if run_log else 0,
             }
+            if average:  # the weights being trained, to resume from
+                out["train_state"]["weights"] = {k: v.cpu() for k, v in model.state_dict().items()}
         return out
 
     def save(path: Path, with_state: bool = True) -> None:
@@ -478,6 +508,8 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
                 if not last_of_group:
                     continue
                 window.add_grad_norm(step_optimizer())
+                if average:
+                    average.update(model, step)
                 step += 1
                 in_group = 0
                 now = time.perf_counter()
@@ -515,7 +547,7 @@ def _train(config: TrainConfig, train_rows: list[Utterance], dev_rows: list[Utte
             if batch_in_epoch >= sampler.batches_per_epoch:  # the epoch ran to its end
                 epoch, batch_in_epoch = epoch + 1, 0
 
-            rates = evaluate_dev(model, log_mel, tokenizer, dev_rows, device, progress, dist)
+            rates = evaluate_dev(scored, log_mel, tokenizer, dev_rows, device, progress, dist)
             net.train()
             log.info("epoch %d: dev WER %.2f%%  CER %.2f%%  (%d utterances, %.1f min trained)", epoch,
                      100 * rates["wer"], 100 * rates["cer"], rates["utterances"], elapsed / 60)

@@ -23,8 +23,8 @@ from asr.features import N_MELS, LogMel
 from asr.model import BiLSTMCTC
 from asr.text import CharTokenizer
 from asr import train as train_module
-from asr.train import (OptimConfig, TrainConfig, TrainingInterrupted, bf16_supported, lr_factor, refuse_unusable, train,
-                       usable_rows)
+from asr.train import (OptimConfig, TrainConfig, TrainingInterrupted, WeightAverage, bf16_supported, lr_factor,
+                       refuse_unusable, train, usable_rows)
 from conftest import noise, sine, write_audio
 
 
@@ -41,6 +41,35 @@ def test_lr_schedule_by_hand():
     assert lr_factor(4, 0.9, c) == pytest.approx(0.5)  # warm-up comes first, whatever the progress
     factors = [lr_factor(s, s / 100, c) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_weight_average_by_hand():
+    """The average's decay ramps up as (1 + step) / (10 + step) towards `decay`."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    average.update(model, 0)  # decay 1/10: 0.1 * 0 + 0.9 * 2
+    assert average.model.weight.item() == pytest.approx(1.8)
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    average.update(model, 1000)  # decay capped at 0.5: 0.5 * 1.8 + 0.5 * 4
+    assert average.model.weight.item() == pytest.approx(2.9)
+    assert model.weight.item() == 4.0 and not average.model.weight.requires_grad
+    with pytest.raises(ConfigError, match="optim.ema=1"):
+        OptimConfig(ema=1.0)
+
+
+def test_training_with_a_weight_average_scores_and_saves_the_average(tiny_rows, tmp_path):
+    exp = tmp_path / "exp"
+    train(tiny_config("epochs=2", "data.max_batch_size=2", "optim.ema=0.9"), tiny_rows, tiny_rows, exp, progress=False)
+    last = load_model_file(exp / "last.pt")
+    weights, average = last["train_state"]["weights"], last["model"]
+    assert weights.keys() == average.keys()
+    assert not all(torch.equal(weights[k], average[k]) for k in weights)  # the file holds the average
+    assert "weights" not in load_model_file(exp / "best.pt").get("train_state", {})
 
 
 def test_usable_rows_leaves_out_what_ctc_cannot_learn(tmp_path, caplog):
@@ -313,13 +342,14 @@ def test_a_file_without_statistics_is_refused(tmp_path):
         load_feature_stats(tmp_path / "gone.pt")
 
 
-@pytest.mark.parametrize("cache", ["false", "true"])
+@pytest.mark.parametrize("setting", ["data.cache_features=false", "data.cache_features=true", "optim.ema=0.9"])
 def test_a_signal_on_an_epochs_last_step_leaves_its_dev_scores_to_the_resumed_run(tiny_rows, tmp_path, monkeypatch,
-                                                                                   cache):
+                                                                                   setting):
     """Stopped right after the last step of epoch 2 (of 3, two steps each), the run saves before
     scoring dev; resuming scores that epoch first, so log, best model and weights are the
-    straight run's (with cached features too: the resumed run computes the same ones)."""
-    config = ("epochs=3", "data.max_batch_size=2", f"data.cache_features={cache}")
+    straight run's (with cached features too: the resumed run computes the same ones; with a
+    weight average, both the average and the weights being trained come back)."""
+    config = ("epochs=3", "data.max_batch_size=2", setting)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(tiny_config(*config), tiny_rows, tiny_rows, straight, progress=False)
 
@@ -345,6 +375,8 @@ def test_a_signal_on_an_epochs_last_step_leaves_its_dev_scores_to_the_resumed_ru
     for name in ("last.pt", "best.pt"):
         ours, theirs = load_model_file(stopped / name)["model"], load_model_file(straight / name)["model"]
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    ours, theirs = (load_model_file(exp / "last.pt")["train_state"].get("weights", {}) for exp in (stopped, straight))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 # --------------------------------------------------------------------------------------------
